@@ -1,0 +1,86 @@
+"""Write a dataset: :func:`write_dataset` (atomic), plus :func:`write_npz_atomic`.
+
+The target format comes from the path:
+
+* ``*.npz`` -> arrays ``x`` (uint8 NHWC) and ``y`` (int64; omitted without labels);
+* ``*.npy`` -> ``x`` only (giving labels is an error: they would be lost);
+* a name containing ``images-idx3`` -> IDX images file (+ labels file beside it);
+* a path ending in ``/``, a path with no suffix, or an existing directory
+  -> image folder of PNGs (see :mod:`puregen.data.folder`).
+
+Every output is written to a temporary sibling and moved into place with
+``os.replace``: a crash never leaves a half-written output, and an existing
+output is only replaced once the new one is complete.  Directories are only
+replaced when they look like an image folder (nothing but images and class
+folders of images).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from puregen.data import folder, idx, npz_io
+from puregen.data.atomic import write_npz_atomic
+from puregen.data.dataset import ImageDataset
+from puregen.errors import InputError
+
+__all__ = ["write_dataset", "write_npz_atomic"]
+
+
+def write_dataset(
+    path: str | os.PathLike,
+    images: Any,
+    labels: Any = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write uint8 NHWC images (and optional labels) to ``path``; return the path written.
+
+    ``images`` may be a numpy uint8 array, a torch uint8 tensor (copied to
+    the CPU) or an :class:`ImageDataset` (its labels / class names are used
+    unless given).  Float images are refused: quantize them first.  With
+    ``overwrite=False`` an existing target is an error.
+    """
+    trailing_sep = str(path).endswith(("/", os.sep))
+    p = Path(path)
+    src = str(p)
+    num_classes = None
+    if isinstance(images, ImageDataset):
+        ds = images
+        images = ds.images
+        if labels is None:
+            labels = ds.labels
+            num_classes = ds.num_classes
+            if class_names is None and ds.class_names is not None and labels is not None:
+                class_names = list(ds.class_names)
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            raise InputError(f"{src}: images tensor has dtype {images.dtype}; images on disk must be uint8 NHWC")
+        images = images.detach().cpu().numpy()
+    if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
+        raise InputError(f"{src}: already exists (overwrite=False)")
+    suffix = p.suffix.lower()
+    if trailing_sep or suffix == "" or p.is_dir():
+        return folder.write_image_folder(
+            p, images, labels, class_names, num_classes=num_classes, overwrite=overwrite
+        )
+    if class_names is not None:
+        raise InputError(f"{src}: class_names can only be stored in an image folder")
+    if suffix == ".npz":
+        return npz_io.write_npz(p, images, labels)
+    if suffix == ".npy":
+        if labels is not None:
+            raise InputError(f"{src}: a .npy file cannot hold labels; write a .npz to keep them")
+        return npz_io.write_npy(p, images)
+    if idx.is_idx_images_name(p.name):
+        return idx.write_idx_dataset(p, images, labels)[0]
+    raise InputError(
+        f"{src}: cannot tell the output format from the name; use .npz, .npy, an IDX images name "
+        f"(*-images-idx3-ubyte[.gz]) or a directory path ending in '/'"
+    )
+

@@ -1,0 +1,78 @@
+"""Build a ready purifier from a method name, checkpoints and run options."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import MethodConfig, method_config
+from ..errors import InputError
+from ..models.checkpoints import LoadedModel, load_model
+from .evaluator import DEFAULT_MICRO_BATCH, TorchEvaluator, check_backend
+from .purifiers import Purifier
+
+CHECKPOINT_HELP = (
+    "Pass a local checkpoint folder: --ebm DIR for the EBM (our layout, or the published PureGen EBM in the "
+    "Hugging Face hub layout: config.json + model.safetensors, downloaded by you), --ddpm DIR for the DDPM "
+    "(our layout or a diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors). "
+    "Random weights for timing: `puregen checkpoint init ebm|ddpm --preset paper -o DIR`."
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"unknown device {device!r}; use cpu or cuda")
+    return torch.device(device)
+
+
+def pin_threads(threads: int | None) -> int:
+    """Pin torch's intra-op thread count (part of the job's fingerprint) and return it."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def _load(path, kind: str, what: str, cfg: MethodConfig) -> LoadedModel:
+    if path is None:
+        raise InputError(f"method {cfg.method!r} with preset {cfg.preset!r} needs a {what} checkpoint. {CHECKPOINT_HELP}")
+    return load_model(path, expect=kind)
+
+
+def build_purifier(
+    method: str,
+    *,
+    ebm=None,
+    ddpm=None,
+    preset: str = "paper",
+    device: str = "cpu",
+    precision: str = "fp32",
+    backend: str = "torch",
+    micro_batch: int = DEFAULT_MICRO_BATCH,
+    threads: int | None = None,
+    **overrides,
+) -> Purifier:
+    """A purifier for `method`; `ebm`/`ddpm` are checkpoint folders or loaded nn.Modules."""
+    cfg = method_config(method, preset, **overrides)
+    check_backend(backend, precision)
+    dev = resolve_device(device)
+    pinned = pin_threads(threads)
+    if method == "jpeg":
+        return Purifier(cfg, None, device=dev, provenance={"threads": pinned, "checkpoints": {}})
+    models, fingerprints = {}, {}
+    for kind, what, source, needed in (("ebm", "EBM", ebm, cfg.needs_ebm), ("unet", "DDPM", ddpm, cfg.needs_ddpm)):
+        if not needed:
+            continue
+        if isinstance(source, torch.nn.Module):
+            models[kind], fingerprints[kind] = source, f"in-memory:{type(source).__name__}"
+        else:
+            loaded = _load(source, kind, what, cfg)
+            models[kind], fingerprints[kind] = loaded.model, loaded.fingerprint
+    evaluator = TorchEvaluator(models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch)
+    return Purifier(cfg, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints})

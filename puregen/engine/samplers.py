@@ -1,0 +1,91 @@
+"""The purification dynamics as plain functions over a network evaluator.
+
+The image state is fp32 throughout; the networks only supply `grad_x G` or the
+epsilon prediction. Each function draws its noise through the kernels' Philox
+contract, keyed by the samples' global indices, so results do not depend on
+the batch a sample was processed in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from ..config import DiffusionConfig, LangevinConfig
+from ..kernels import philox
+from ..kernels.reference import ddpm_forward_noise, ddpm_reverse_step, langevin_update
+from .schedule import DDPMSchedule
+
+StepCallback = Callable[[int], None]
+
+
+class Evaluator(Protocol):
+    def energy(self, x: torch.Tensor) -> torch.Tensor: ...
+    def energy_grad(self, x: torch.Tensor) -> torch.Tensor: ...
+    def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor: ...
+
+
+def langevin(
+    x: torch.Tensor,
+    evaluator: Evaluator,
+    cfg: LangevinConfig,
+    *,
+    steps: int | None = None,
+    indices: torch.Tensor,
+    seed: int,
+    repetition: int = 0,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """EBM Langevin: ``x <- x - eps^2/(2 temp) grad_x G(x) + eps n``; no clamping inside the loop."""
+    stream = philox.stage_stream(philox.STREAM_EBM, repetition)
+    x = x.to(torch.float32)
+    for step in range(cfg.steps if steps is None else steps):
+        grad = evaluator.energy_grad(x)
+        x = langevin_update(
+            x, grad, drift=cfg.drift, noise_scale=cfg.eps, indices=indices, seed=seed, stream=stream, step=step
+        )
+        if on_step is not None:
+            on_step(1)
+    return x
+
+
+def diffuse_denoise(
+    x0: torch.Tensor,
+    evaluator: Evaluator,
+    cfg: DiffusionConfig,
+    *,
+    t_star: int | None = None,
+    indices: torch.Tensor,
+    seed: int,
+    repetition: int = 0,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Noise to index t*-1, then run the t* ancestral reverse steps t*-1 .. 0."""
+    schedule = DDPMSchedule(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
+    t_star = cfg.t_star if t_star is None else t_star
+    sqrt_abar, sqrt_one_minus = schedule.forward_coefficients(t_star)
+    x = ddpm_forward_noise(
+        x0.to(torch.float32),
+        sqrt_alpha_bar=sqrt_abar,
+        sqrt_one_minus_alpha_bar=sqrt_one_minus,
+        indices=indices,
+        seed=seed,
+        stream=philox.stage_stream(philox.STREAM_DDPM_FORWARD, repetition),
+    )
+    reverse_stream = philox.stage_stream(philox.STREAM_DDPM_REVERSE, repetition)
+    for t in range(t_star - 1, -1, -1):
+        eps = evaluator.epsilon(x, t)
+        x = ddpm_reverse_step(
+            x,
+            eps,
+            t=t,
+            coefs=schedule.reverse_coefficients(t),
+            indices=indices,
+            seed=seed,
+            stream=reverse_stream,
+            clip_x0=cfg.clip_x0,
+        )
+        if on_step is not None:
+            on_step(1)
+    return x

@@ -1,0 +1,187 @@
+"""Checkpoints: safetensors weights plus a JSON config, loaded from a local folder.
+
+Three layouts load by name (nothing is fetched at run time):
+
+* ours: ``config.json`` with ``"puregen_format": 1``, ``"model_type"`` and
+  ``"config"``, beside ``model.safetensors``;
+* the published EBM's hub layout: ``config.json`` + ``model.safetensors`` whose
+  keys are ``block1.c1.weight`` ... ``l5.weight`` (the architecture is read off
+  the weight shapes);
+* diffusers UNet folders: ``config.json`` + ``diffusion_pytorch_model.safetensors``.
+
+Pickles are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .ebm import EBM, EBMConfig
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    model_type: str  # "ebm" or "unet"
+    path: str
+    layout: str  # "puregen", "hub-ebm" or "diffusers"
+    fingerprint: str  # sha256 of the weights file
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load `state` strictly, with one message listing what does not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for k, v in state.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            problems.append(f"{k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+            break
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: tensor {k} holds NaN or Inf")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _model_from_config(model_type: str, config: dict, path: Path) -> nn.Module:
+    try:
+        if model_type == "ebm":
+            return EBM(EBMConfig.from_dict(config))
+        if model_type == "unet":
+            from .unet import UNet2D, UNetConfig
+
+            return UNet2D(UNetConfig.from_dict(config))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid {model_type} config ({e})") from None
+    raise CheckpointError(f"{path}: unknown model_type {model_type!r} (expected 'ebm' or 'unet')")
+
+
+def _ebm_config_from_weights(state: dict[str, torch.Tensor], path: Path) -> EBMConfig:
+    w = state.get("block1.c1.weight")
+    if w is None or w.ndim != 4:
+        raise CheckpointError(f"{path}: not an EBM checkpoint (no 4-D 'block1.c1.weight')")
+    return EBMConfig(in_channels=int(w.shape[1]), nf=int(w.shape[0]))
+
+
+def load_model(path: str | os.PathLike, expect: str | None = None) -> LoadedModel:
+    """Load a model from a checkpoint folder (or its weights file) in any known layout."""
+    folder = Path(path)
+    if folder.is_file() and folder.suffix == ".safetensors":
+        folder = folder.parent
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: checkpoint not found")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: a checkpoint is a folder with config.json and a .safetensors file")
+
+    if (folder / DIFFUSERS_WEIGHTS_FILE).exists():
+        from .diffusers_format import load_diffusers_unet
+
+        weights = folder / DIFFUSERS_WEIGHTS_FILE
+        loaded = LoadedModel(load_diffusers_unet(folder), "unet", str(folder), "diffusers", file_sha256(weights))
+    else:
+        weights = folder / WEIGHTS_FILE
+        config = read_json(folder / CONFIG_FILE)
+        state = read_safetensors(weights)
+        if "puregen_format" in config:
+            if config["puregen_format"] != FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{folder / CONFIG_FILE}: puregen_format {config['puregen_format']!r} is not supported "
+                    f"(this version reads {FORMAT_VERSION})"
+                )
+            model_type = config.get("model_type")
+            model = _model_from_config(str(model_type), config.get("config", {}), folder / CONFIG_FILE)
+            layout = "puregen"
+        else:
+            model_type = "ebm"
+            model = EBM(_ebm_config_from_weights(state, weights))
+            layout = "hub-ebm"
+        apply_state_dict(model, state, weights)
+        loaded = LoadedModel(model, model_type, str(folder), layout, file_sha256(weights))
+
+    if expect is not None and loaded.model_type != expect:
+        raise CheckpointError(f"{folder}: holds a {loaded.model_type} model, but a {expect} checkpoint is needed here")
+    loaded.model.eval()
+    return loaded
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model` in our layout, atomically (a temporary folder, then a rename)."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, EBM):
+        model_type = "ebm"
+    else:
+        from .unet import UNet2D
+
+        if not isinstance(model, UNet2D):
+            raise TypeError(f"cannot save a {type(model).__name__}")
+        model_type = "unet"
+    folder = Path(path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        meta = {"puregen_format": FORMAT_VERSION, "model_type": model_type, "config": model.config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

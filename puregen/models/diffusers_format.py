@@ -1,0 +1,156 @@
+"""Read and write diffusers ``UNet2DModel`` folders (``config.json`` + safetensors).
+
+Only local folders are read (never the network), only with safetensors (never
+pickle). Every problem with the folder raises `CheckpointError` whose message
+starts with the path of the offending file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from puregen.errors import CheckpointError
+from puregen.models.unet import UNet2D, UNetConfig
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_diffusers_unet", "save_diffusers_unet"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+# Pre-0.14 diffusers checkpoints name the attention projections differently.
+_LEGACY_ATTENTION_NAMES = {
+    "query": "to_q",
+    "key": "to_k",
+    "value": "to_v",
+    "proj_attn": "to_out.0",
+}
+_SHOW = 5  # how many offending keys an error message lists
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    more = f" (and {len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return shown + more
+
+
+def read_config(path: str | os.PathLike[str]) -> UNetConfig:
+    """Parse a diffusers ``config.json`` into a `UNetConfig` (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read config file: {e}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    try:
+        return UNetConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        # ... .attentions.<j>.<legacy name>.<weight|bias>
+        if len(parts) >= 4 and parts[-4] == "attentions" and parts[-2] in _LEGACY_ATTENTION_NAMES:
+            key = ".".join([*parts[:-2], _LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+        out[key] = value
+    return out
+
+
+def load_diffusers_unet(
+    folder: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+) -> UNet2D:
+    """Load a diffusers ``UNet2DModel`` folder into a `UNet2D` (in eval mode).
+
+    ``folder`` must hold ``config.json`` and ``diffusion_pytorch_model.safetensors``.
+    Floating-point weights are cast to ``dtype`` (``None`` keeps the file's
+    dtypes). Checkpoints with the pre-0.14 attention names (``query``, ``key``,
+    ``value``, ``proj_attn``) are renamed on the fly, as diffusers does.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found (or not a folder)")
+    config = read_config(folder / CONFIG_NAME)
+
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file not found")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors raises its own error types (and OSError)
+        raise CheckpointError(
+            f"{weights}: cannot read safetensors file (truncated or corrupt?): {e}"
+        ) from None
+    state = _rename_legacy_keys(state)
+
+    with torch.device("meta"):
+        model = UNet2D(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_first(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+        raise CheckpointError(
+            f"{weights}: weights do not match the model described by {CONFIG_NAME}: " + "; ".join(parts)
+        )
+    for key, shape in expected.items():
+        got = tuple(state[key].shape)
+        if got != shape:
+            raise CheckpointError(
+                f"{weights}: shape mismatch for {key}: checkpoint has {list(got)}, "
+                f"model (from {CONFIG_NAME}) expects {list(shape)}"
+            )
+        if not state[key].is_floating_point():
+            raise CheckpointError(f"{weights}: {key} has non-floating dtype {state[key].dtype}")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_diffusers_unet(model: UNet2D, folder: str | os.PathLike[str]) -> Path:
+    """Write ``model`` as a diffusers folder (``config.json`` + safetensors); returns the folder.
+
+    The result loads with `load_diffusers_unet` and with diffusers'
+    ``UNet2DModel.from_pretrained(folder)``.
+    """
+    if not isinstance(model, UNet2D):
+        raise TypeError(f"save_diffusers_unet needs a UNet2D, got {type(model).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(
+        folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    )
+    text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return folder
