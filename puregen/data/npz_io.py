@@ -42,6 +42,17 @@ def _open_error(src: str, e: BaseException) -> InputError:
     return InputError(f"{src}: truncated or corrupt file ({type(e).__name__}: {e})")
 
 
+def _check_magic(path: Path, src: str, what: str) -> None:
+    """Refuse files that are neither zip nor .npy before np.load could treat them as a pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except Exception as e:
+        raise _open_error(src, e) from None
+    if not (head.startswith(b"PK") or head == b"\x93NUMPY"):
+        raise InputError(f"{src}: truncated or corrupt file (not {what}: no zip or .npy header)")
+
+
 def _pick_key(keys: list[str], names: tuple[str, str], src: str, required: bool) -> str | None:
     present = [k for k in names if k in keys]
     if len(present) > 1:
@@ -67,6 +78,7 @@ def read_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Imag
     """Read an ``.npz`` with ``x``/``images`` and optional ``y``/``labels``."""
     path = Path(path)
     src = str(path)
+    _check_magic(path, src, "an .npz archive")
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -90,6 +102,7 @@ def read_npy(path: str | os.PathLike, *, num_classes: int | None = None) -> Imag
     """Read a ``.npy`` holding uint8 images (no labels)."""
     path = Path(path)
     src = str(path)
+    _check_magic(path, src, "a .npy array")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:

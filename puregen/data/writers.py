@@ -65,6 +65,10 @@ def write_dataset(
     if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
         raise InputError(f"{src}: already exists (overwrite=False)")
     suffix = p.suffix.lower()
+    if not trailing_sep and not p.is_dir() and idx.is_idx_images_name(p.name):
+        if class_names is not None:
+            raise InputError(f"{src}: class_names can only be stored in an image folder")
+        return idx.write_idx_dataset(p, images, labels)[0]
     if trailing_sep or suffix == "" or p.is_dir():
         return folder.write_image_folder(
             p, images, labels, class_names, num_classes=num_classes, overwrite=overwrite
@@ -77,8 +81,6 @@ def write_dataset(
         if labels is not None:
             raise InputError(f"{src}: a .npy file cannot hold labels; write a .npz to keep them")
         return npz_io.write_npy(p, images)
-    if idx.is_idx_images_name(p.name):
-        return idx.write_idx_dataset(p, images, labels)[0]
     raise InputError(
         f"{src}: cannot tell the output format from the name; use .npz, .npy, an IDX images name "
         f"(*-images-idx3-ubyte[.gz]) or a directory path ending in '/'"
