@@ -15,13 +15,22 @@ Loading uses :class:`RestrictedUnpickler` (``encoding='bytes'``) whose
   the second what numpy >= 2 writes),
 * ``numpy.ndarray`` and ``numpy.dtype``,
 * ``_codecs.encode`` -- what Python 3 writes for ``bytes`` objects at
-  protocol 2; replaced by a wrapper that only does ``str.encode('latin-1')``.
+  protocol 2; only ``str.encode('latin-1')`` is performed.
 
-The names are mapped straight to those objects: no module is imported on a
-pickle's behalf.  Any other global (``os.system``, ``builtins.eval``,
-``numpy.core.multiarray.scalar``, protocol-5 ``_frombuffer`` ...) raises
-:class:`~puregen.errors.InputError` ("pickle references a forbidden global")
-before anything is called.
+Any other global (``os.system``, ``builtins.eval``,
+``numpy.core.multiarray.scalar``, protocol-5 ``numpy._core.numeric._frombuffer``
+...) raises :class:`~puregen.errors.InputError` ("pickle references a
+forbidden global") before anything is called.  No module is imported on a
+pickle's behalf.
+
+Defence in depth: the allowed names do **not** resolve to the real numpy
+callables.  numpy's ``ndarray.__setstate__`` / ``dtype.__setstate__`` are C
+code that trusts their state (e.g. dtype flags), so they never see data from
+the file.  Instead the names resolve to small stand-ins that record the
+pickled arguments and state, check them (plain numeric dtypes only: bool,
+(u)int8..64, float16/32/64; shape and payload length must agree), and build
+the array with ``np.frombuffer(...).reshape(...)``; the stand-ins are
+replaced by the real arrays after loading.
 
 A directory is read as follows (``split`` picks the part):
 
@@ -54,6 +63,7 @@ from puregen.errors import InputError
 __all__ = [
     "ALLOWED_GLOBALS",
     "RestrictedUnpickler",
+    "restricted_load",
     "load_cifar_batch",
     "read_cifar",
     "find_cifar_batches",
@@ -61,34 +71,124 @@ __all__ = [
     "write_cifar_batch",
 ]
 
-try:  # numpy >= 2
-    from numpy._core.multiarray import _reconstruct as _np_reconstruct
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+class _Refused(Exception):
+    """Raised by the stand-ins below; turned into an InputError naming the file."""
 
 
-def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """Stand-in for ``_codecs.encode`` limited to what pickle uses it for."""
-    if not isinstance(obj, str) or encoding.replace("_", "-").lower() not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("_codecs.encode is only allowed as str.encode('latin-1')")
-    return obj.encode("latin-1", "strict")
+# dtype codes a batch may hold (as numpy pickles them: np.dtype(code, False, True)).
+_SAFE_DTYPE_CODES = frozenset({"b1", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8"})
 
 
-#: (module, name) -> object: the only globals a CIFAR batch pickle may use.
+def _as_text(v: Any) -> str | None:
+    if isinstance(v, bytes):
+        try:
+            return v.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return v if isinstance(v, str) else None
+
+
+class _DTypeStub:
+    """Stands for ``numpy.dtype(code, align, copy)`` plus its pickled state."""
+
+    def __init__(self, code: Any = None, align: Any = False, copy: Any = True):
+        text = _as_text(code)
+        if text not in _SAFE_DTYPE_CODES:
+            raise _Refused(f"pickle holds an array of dtype {code!r}; only plain numeric dtypes are allowed")
+        self.dtype = np.dtype(text)
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        if not isinstance(state, tuple) or len(state) < 2:
+            raise _Refused("pickle holds a malformed dtype state")
+        order = _as_text(state[1])
+        if order not in ("|", "<", ">", "="):
+            raise _Refused(f"pickle holds a dtype with byte order {state[1]!r}")
+        if any(v is not None for v in state[2:5]):
+            raise _Refused("pickle holds a structured or sub-array dtype; only plain numeric dtypes are allowed")
+        if order in ("<", ">") and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(order)
+        # elsize / alignment / flags / metadata are ignored: they are implied by the code.
+
+
+class _NdarrayToken:
+    """Stands for ``numpy.ndarray`` (only used as _reconstruct's first argument)."""
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayToken()
+
+
+class _ArrayStub:
+    """Result of ``_reconstruct(ndarray, (0,), b'b')``; BUILD fills it from the pickled state."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 5:
+            _version, shape, dt, fortran, raw = state
+        elif isinstance(state, tuple) and len(state) == 4:  # very old numpy: no version field
+            shape, dt, fortran, raw = state
+        else:
+            raise _Refused("pickle holds a malformed array state")
+        if not isinstance(dt, _DTypeStub):
+            raise _Refused("pickle holds an array without a plain numeric dtype")
+        if not isinstance(shape, tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise _Refused(f"pickle holds an array with a bad shape {shape!r}")
+        if isinstance(raw, str):
+            raw = raw.encode("latin-1")
+        if not isinstance(raw, (bytes, bytearray)):
+            raise _Refused(f"pickle holds array data of type {type(raw).__name__}, expected bytes")
+        count = math.prod(shape)
+        if len(raw) != count * dt.dtype.itemsize:
+            raise _Refused(
+                f"pickle holds an array of shape {shape} ({dt.dtype}) with {len(raw)} data bytes, "
+                f"expected {count * dt.dtype.itemsize}"
+            )
+        arr = np.frombuffer(raw, dtype=dt.dtype, count=count).reshape(shape, order="F" if fortran else "C")
+        self.array = np.array(arr, dtype=dt.dtype.newbyteorder("="), order="C")
+
+
+def _reconstruct_stub(cls: Any = None, shape: Any = None, typecode: Any = None) -> _ArrayStub:
+    if cls is not _NDARRAY:
+        raise _Refused(f"pickle reconstructs an array of class {cls!r}; only numpy.ndarray is allowed")
+    return _ArrayStub()
+
+
+def _codecs_encode_stub(obj: Any = None, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    if (
+        not isinstance(obj, str)
+        or not isinstance(encoding, str)
+        or encoding.replace("_", "-").lower() not in ("latin1", "latin-1")
+    ):
+        raise _Refused(
+            f"pickle calls _codecs.encode({type(obj).__name__}, {encoding!r}); only "
+            f"str.encode('latin-1') (how Python 3 pickles bytes) is allowed"
+        )
+    return obj.encode("latin-1")
+
+
+#: (module, name) -> stand-in: the only globals a CIFAR batch pickle may use.
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_stub,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_stub,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DTypeStub,
+    ("_codecs", "encode"): _codecs_encode_stub,
 }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only :data:`ALLOWED_GLOBALS`.
+    """Unpickler that resolves only :data:`ALLOWED_GLOBALS` (to safe stand-ins).
 
-    ``source`` names the file in the error message.  Persistent ids are
-    refused too (the base class already raises for them).
+    ``source`` names the file in the error message.  Use :func:`restricted_load`
+    rather than this class directly: it also swaps the array stand-ins for
+    real arrays and turns every failure into an ``InputError``.
     """
 
     def __init__(self, file, *, source: str, **kwargs):
@@ -105,13 +205,39 @@ class RestrictedUnpickler(pickle.Unpickler):
         return obj
 
 
-def _restricted_load(path: Path) -> Any:
+def _materialize(obj: Any, depth: int = 0) -> Any:
+    """Replace array stand-ins by their arrays inside dicts / lists / tuples."""
+    if depth > 20:
+        raise _Refused("pickle nests containers too deeply for a CIFAR batch")
+    if isinstance(obj, _ArrayStub):
+        if obj.array is None:
+            raise _Refused("pickle holds an array that was never filled in")
+        return obj.array
+    if isinstance(obj, (_DTypeStub, _NdarrayToken)):
+        raise _Refused("pickle holds a bare numpy type object")
+    if isinstance(obj, dict):
+        return {k: _materialize(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if all(type(v) in (int, bytes, str) for v in obj):  # fast path: labels, filenames
+            return obj
+        return [_materialize(v, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialize(v, depth + 1) for v in obj)
+    return obj
+
+
+def restricted_load(path: str | os.PathLike) -> Any:
+    """Unpickle ``path`` with :class:`RestrictedUnpickler`; every failure is an ``InputError``."""
+    path = Path(path)
     src = str(path)
     try:
         with open(path, "rb") as f:
-            return RestrictedUnpickler(f, source=src, encoding="bytes").load()
+            obj = RestrictedUnpickler(f, source=src, encoding="bytes").load()
+        return _materialize(obj)
     except InputError:
         raise
+    except _Refused as e:
+        raise InputError(f"{src}: {e}") from None
     except FileNotFoundError:
         raise InputError(f"{src}: no such file") from None
     except IsADirectoryError:
@@ -119,7 +245,9 @@ def _restricted_load(path: Path) -> Any:
     except PermissionError:
         raise InputError(f"{src}: permission denied") from None
     except MemoryError:
-        raise InputError(f"{src}: pickle is truncated or corrupt (ran out of memory while reading it)") from None
+        raise InputError(f"{src}: truncated or corrupt CIFAR pickle (ran out of memory reading it)") from None
+    except RecursionError:
+        raise InputError(f"{src}: truncated or corrupt CIFAR pickle (nested too deeply)") from None
     except Exception as e:  # UnpicklingError, EOFError, ValueError, TypeError, ...
         raise InputError(f"{src}: truncated or corrupt CIFAR pickle ({type(e).__name__}: {e})") from None
 
@@ -135,7 +263,7 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
     """Load one batch file: ``(images uint8 NHWC, labels int64 or None)``."""
     path = Path(path)
     src = str(path)
-    obj = _restricted_load(path)
+    obj = restricted_load(path)
     if not isinstance(obj, dict):
         raise InputError(f"{src}: pickle holds a {type(obj).__name__}, not a CIFAR batch dict")
     data = _get(obj, "data")

@@ -153,7 +153,8 @@ def load_model(path: str | os.PathLike, expect: str | None = None) -> LoadedMode
         loaded = LoadedModel(model, model_type, str(folder), layout, file_sha256(weights))
 
     if expect is not None and loaded.model_type != expect:
-        raise CheckpointError(f"{folder}: holds a {loaded.model_type} model, but a {expect} checkpoint is needed here")
+        role = {"ebm": "an EBM (--ebm)", "unet": "a DDPM UNet (--ddpm)"}
+        raise CheckpointError(f"{folder}: holds {role[loaded.model_type]}, but {role[expect]} checkpoint is needed here")
     loaded.model.eval()
     return loaded
 

@@ -298,11 +298,11 @@ class UNetConfig:
             sample_size=sample_size,
             in_channels=in_channels,
             out_channels=in_channels,
-            block_out_channels=(32, 64, 64),
+            block_out_channels=(16, 32, 32),
             layers_per_block=1,
             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=32,
+            attention_head_dim=16,
             norm_num_groups=8,
         )
 

@@ -1,0 +1,138 @@
+"""Speed baseline of the reference engine (`torch` backend, fp32 eager).
+
+Times `--method ebm` (150 Langevin steps) and `--method ddpm` (t* = 75) with
+the `paper` architectures (random weights: the cost does not depend on them)
+on non-constant 32x32x3 images, one purifier call per batch, and reports the
+median over batches of images/s, achieved FLOP/s (counted from the
+architecture), and the fraction of the machine's fp32 convolution ceiling,
+measured in the same run. The fast-path work compares itself with these numbers.
+
+    python benchmarks/baseline.py --methods ebm ddpm --batch 64 --repeats 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from puregen.api import load_purifier
+from puregen.engine.provenance import run_provenance
+from puregen.models import ebm as ebm_module
+from puregen.models import unet as unet_module
+
+PUBLISHED_SECONDS_CIFAR10 = {"ebm": 923.0, "ddpm": 4181.0}  # PureGen on a TPU, 50,000 images
+
+
+def conv_ceiling(dtype=torch.float32, repeats: int = 10) -> float:
+    """FLOP/s of a 3x3, 128->128 convolution, batch 64, 32x32, channels_last (median of `repeats`)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, 32, 32, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 128, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    flops = 2 * 64 * 128 * 128 * 9 * 32 * 32
+    with torch.no_grad():
+        F.conv2d(x, w, padding=1)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            times.append(time.perf_counter() - t0)
+    return flops / statistics.median(times)
+
+
+def test_images(n: int, seed: int) -> np.ndarray:
+    """Non-constant uint8 32x32x3 images (smooth noise with a colour ramp)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.random((n, 36, 36, 3))
+    blur = sum(noise[:, i : i + 32, j : j + 32] for i in range(5) for j in range(5)) / 25
+    ramp = np.linspace(0, 1, 32)[None, None, :, None] * np.array([1.0, 0.5, 0.2])
+    return np.clip((2.4 * (blur - 0.5) + 0.5 * ramp + 0.3) * 255, 0, 255).round().astype(np.uint8)
+
+
+def flops_per_image(method: str, steps: int, t_star: int) -> float:
+    if method == "ebm":
+        fwd = ebm_module.count_flops(ebm_module.EBMConfig.paper(), 32, 32)
+        # each step: forward + input-gradient backward (~ one more forward); plus the two audit energies
+        return steps * 2 * fwd + 2 * fwd
+    fwd = unet_module.count_flops(unet_module.UNetConfig.paper(), 32, 32)
+    return t_star * fwd
+
+
+def build(method: str, micro_batch: int, threads: int):
+    torch.manual_seed(0)
+    if method == "ebm":
+        model = ebm_module.EBM(ebm_module.EBMConfig.paper())
+        return load_purifier("ebm", ebm=model, preset="paper", micro_batch=micro_batch, threads=threads)
+    model = unet_module.UNet2D(unet_module.UNetConfig.paper())
+    return load_purifier("ddpm", ddpm=model, preset="paper", micro_batch=micro_batch, threads=threads)
+
+
+def run(method: str, batch: int, repeats: int, micro_batch: int, threads: int) -> dict:
+    purifier = build(method, micro_batch, threads)
+    cfg = purifier.config
+    times = []
+    for r in range(repeats):
+        images = test_images(batch, seed=r)
+        indices = np.arange(r * batch, (r + 1) * batch)
+        t0 = time.perf_counter()
+        purifier.purify(images, seed=0, indices=indices, batch_size=batch)
+        times.append(time.perf_counter() - t0)
+        print(f"  {method} batch {r + 1}/{repeats}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
+    median = statistics.median(times)
+    flops = flops_per_image(method, cfg.langevin.steps, cfg.diffusion.t_star)
+    ips = batch / median
+    published_ips = 50_000 / PUBLISHED_SECONDS_CIFAR10[method]
+    return {
+        "method": method,
+        "steps": cfg.langevin.steps if method == "ebm" else cfg.diffusion.t_star,
+        "batch": batch,
+        "micro_batch": micro_batch,
+        "threads": threads,
+        "seconds_per_batch": [round(t, 3) for t in times],
+        "median_seconds": round(median, 3),
+        "images_per_second": round(ips, 4),
+        "flop_per_image": flops,
+        "achieved_flop_per_second": ips * flops,
+        "published_tpu_images_per_second": round(published_ips, 2),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", default=["ebm", "ddpm"], choices=["ebm", "ddpm"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    ceiling = conv_ceiling()
+    print(f"fp32 conv ceiling (3x3 128->128, b64, 32x32, channels_last): {ceiling / 1e9:.1f} GFLOP/s")
+    results = []
+    for method in args.methods:
+        res = run(method, args.batch, args.repeats, args.micro_batch, args.threads)
+        res["ceiling_flop_per_second"] = ceiling
+        res["fraction_of_ceiling"] = res["achieved_flop_per_second"] / ceiling
+        results.append(res)
+        print(
+            f"{method}: {res['images_per_second']:.3f} images/s (median of {args.repeats} batches of {args.batch}, "
+            f"{args.threads} threads), {res['achieved_flop_per_second'] / 1e9:.1f} GFLOP/s achieved, "
+            f"{100 * res['fraction_of_ceiling']:.0f}% of the fp32 conv ceiling; published TPU: "
+            f"{res['published_tpu_images_per_second']} images/s"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "provenance": run_provenance()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The bulk pipeline: chunks, manifest, resume after SIGKILL, limits, overwrite protection."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from puregen.api import load_purifier, purify_dataset
+from puregen.data import read_dataset, write_dataset
+from puregen.errors import InputError
+
+from .conftest import REPO, smooth_images
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "in.npz"
+    write_dataset(path, smooth_images(40, seed=3), np.arange(40) % 10)
+    return path
+
+
+def _purifier(tiny_models, method="naive"):
+    ebm, unet = tiny_models
+    return load_purifier(method, ebm=ebm, ddpm=unet, preset="tiny", steps=2, t_star=2, micro_batch=8, threads=2)
+
+
+def test_output_equals_api_and_manifest_is_complete(tmp_path, dataset_file, tiny_models):
+    p = _purifier(tiny_models)
+    out = tmp_path / "out.npz"
+    manifest = purify_dataset(dataset_file, out, purifier=p, seed=4, chunk_size=16, batch_size=5, progress=False)
+    ds = read_dataset(out)
+    src = read_dataset(dataset_file)
+    assert np.array_equal(ds.images, p.purify(src.images, seed=4))
+    assert np.array_equal(ds.labels, src.labels)
+    assert not (tmp_path / "out.npz.parts").exists()
+    on_disk = json.loads((tmp_path / "out.npz.manifest.json").read_text())
+    assert on_disk["complete"] and on_disk["num_images"] == 40 == manifest["num_images"]
+    assert on_disk["finished_chunks"] == [0, 1, 2]
+    for key in ("energy_before", "energy_after", "l2_change", "linf_change"):
+        assert len(on_disk["audit"][key]) == 40
+    assert on_disk["config"]["threads"] == 2 and on_disk["config"]["evaluator"]["micro_batch"] == 8
+    assert "torch" in on_disk["provenance"]["versions"]
+
+
+def test_limit_purifies_first_n(tmp_path, dataset_file, tiny_models):
+    p = _purifier(tiny_models, "ebm")
+    purify_dataset(dataset_file, tmp_path / "o.npz", purifier=p, limit=7, progress=False)
+    full = p.purify(read_dataset(dataset_file).images[:7], seed=0)
+    assert np.array_equal(read_dataset(tmp_path / "o.npz").images, full)
+
+
+def test_existing_output_is_protected(tmp_path, dataset_file, tiny_models):
+    p = _purifier(tiny_models, "jpeg")
+    out = tmp_path / "o.npz"
+    out.write_bytes(b"precious")
+    with pytest.raises(InputError, match="already exists"):
+        purify_dataset(dataset_file, out, purifier=p, progress=False)
+    assert out.read_bytes() == b"precious"
+    purify_dataset(dataset_file, out, purifier=p, overwrite=True, progress=False)
+    assert len(read_dataset(out)) == 40
+
+
+def test_resume_refuses_a_different_configuration(tmp_path, dataset_file, tiny_models):
+    out = tmp_path / "o.npz"
+    p = _purifier(tiny_models, "ebm")
+
+    def stop_after_first(_k):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        from puregen.engine.pipeline import run_job
+
+        run_job(dataset_file, out, p, chunk_size=16, progress=False, on_chunk=stop_after_first)
+    assert (tmp_path / "o.npz.parts" / "manifest.json").exists()
+    with pytest.raises(InputError, match="unfinished job's parts"):
+        purify_dataset(dataset_file, out, purifier=p, chunk_size=16, progress=False)
+    with pytest.raises(InputError, match="different configuration"):
+        purify_dataset(dataset_file, out, purifier=p, chunk_size=16, seed=9, resume=True, progress=False)
+    manifest = purify_dataset(dataset_file, out, purifier=p, chunk_size=16, resume=True, progress=False)
+    assert manifest["timing"]["images_this_run"] == 24  # the first chunk was not redone
+    assert np.array_equal(read_dataset(out).images, p.purify(read_dataset(dataset_file).images))
+
+
+def test_filt_pipeline_matches_api(tmp_path, dataset_file, tiny_models):
+    p = _purifier(tiny_models, "filt")
+    manifest = purify_dataset(dataset_file, tmp_path / "f.npz", purifier=p, chunk_size=16, progress=False)
+    api = _purifier(tiny_models, "filt").purify(read_dataset(dataset_file).images)
+    assert np.array_equal(read_dataset(tmp_path / "f.npz").images, api)
+    assert sum(manifest["audit"]["filt_selected"]) == 20  # k = 0.5 of 40
+    assert "filt_threshold" in manifest
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "puregen.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, **kw)
+
+
+def _kill_and_resume(tmp_path, input_path, extra, chunk_size, n_chunks):
+    """Run `puregen purify` uninterrupted, then again with SIGKILL at a random chunk and --resume."""
+    ref = tmp_path / "ref.npz"
+    r = _cli("purify", input_path, "-o", ref, *extra, "--chunk-size", chunk_size, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out.npz"
+    kill_at = random.Random(os.getpid()).randrange(1, n_chunks)
+    cmd = [sys.executable, "-m", "puregen.cli", "purify", str(input_path), "-o", str(out), *map(str, extra),
+           "--chunk-size", str(chunk_size), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "out.npz.parts"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(parts.glob("chunk-*.npz"))) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    assert not out.exists()
+    r = _cli("purify", input_path, "-o", out, *extra, "--chunk-size", chunk_size, "--no-progress", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    return kill_at
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_identical_bytes(tmp_path, dataset_file, tiny_checkpoints):
+    ebm, ddpm = tiny_checkpoints
+    extra = ["--method", "naive", "--preset", "tiny", "--ebm", ebm, "--ddpm", ddpm, "--steps", 3, "--t-star", 3,
+             "--threads", 2, "--micro-batch", 8]
+    _kill_and_resume(tmp_path, dataset_file, extra, chunk_size=8, n_chunks=5)
