@@ -321,7 +321,7 @@ def test_error_wrong_shape_and_keys(tmp_path, tiny_folder):
     bad = dict(state)
     bad["conv_in.weight"] = torch.zeros(16, 1, 3, 3)
     save_file(bad, str(shape / WEIGHTS_NAME))
-    assert_checkpoint_error(shape, shape / WEIGHTS_NAME, "conv_in.weight", "[16, 1, 3, 3]", "[32, 1, 3, 3]")
+    assert_checkpoint_error(shape, shape / WEIGHTS_NAME, "conv_in.weight", "[8, 1, 3, 3]", "[16, 1, 3, 3]")
 
     keys = copy_folder(tiny_folder, tmp_path / "keys")
     bad = dict(state)
