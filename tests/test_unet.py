@@ -319,7 +319,7 @@ def test_error_wrong_shape_and_keys(tmp_path, tiny_folder):
 
     shape = copy_folder(tiny_folder, tmp_path / "shape")
     bad = dict(state)
-    bad["conv_in.weight"] = torch.zeros(16, 1, 3, 3)
+    bad["conv_in.weight"] = torch.zeros(8, 1, 3, 3)
     save_file(bad, str(shape / WEIGHTS_NAME))
     assert_checkpoint_error(shape, shape / WEIGHTS_NAME, "conv_in.weight", "[8, 1, 3, 3]", "[16, 1, 3, 3]")
 

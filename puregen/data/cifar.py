@@ -46,9 +46,11 @@ left ``None`` unless the caller gives it.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
+import pickletools
 import re
 from pathlib import Path
 from typing import Any
@@ -226,13 +228,31 @@ def _materialize(obj: Any, depth: int = 0) -> Any:
     return obj
 
 
+# Opcodes a CIFAR batch never needs: out-of-band buffers, bytearrays, persistent ids.
+_REFUSED_OPCODES = frozenset({"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER", "PERSID", "BINPERSID"})
+
+
+def _prescan(data: bytes) -> None:
+    """Walk the opcodes without executing them (pickletools): every length field is checked
+    against the bytes actually present before the real unpickler allocates anything."""
+    for op, _arg, _pos in pickletools.genops(data):
+        if op.name in _REFUSED_OPCODES:
+            raise _Refused(f"pickle uses opcode {op.name}, which CIFAR batches never contain")
+
+
 def restricted_load(path: str | os.PathLike) -> Any:
-    """Unpickle ``path`` with :class:`RestrictedUnpickler`; every failure is an ``InputError``."""
+    """Unpickle ``path`` with :class:`RestrictedUnpickler`; every failure is an ``InputError``.
+
+    The file is read into memory and pre-scanned opcode by opcode (nothing
+    executed) so that a forged length cannot make the unpickler allocate
+    more than the file holds.
+    """
     path = Path(path)
     src = str(path)
     try:
-        with open(path, "rb") as f:
-            obj = RestrictedUnpickler(f, source=src, encoding="bytes").load()
+        data = path.read_bytes()
+        _prescan(data)
+        obj = RestrictedUnpickler(io.BytesIO(data), source=src, encoding="bytes").load()
         return _materialize(obj)
     except InputError:
         raise
