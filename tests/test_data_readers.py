@@ -262,6 +262,15 @@ def test_npz_float_array(tmp_path):
     assert msg == f"{p}: array 'x' has dtype float32; images on disk must be uint8 NHWC"
 
 
+def test_npy_float_and_truncated(tmp_path):
+    p = tmp_path / "f.npy"
+    np.save(p, np.zeros((2, 4, 4, 1), np.float64))
+    assert _raises(p, lambda: read_dataset(p)) == f"{p}: array has dtype float64; images on disk must be uint8 NHWC"
+    q = write_dataset(tmp_path / "g.npy", _images(n=40))
+    q.write_bytes(q.read_bytes()[:-100])
+    _raises(q, lambda: read_dataset(q), "truncated or corrupt")
+
+
 @pytest.mark.parametrize("shape", [(4, 8, 8, 5), (4, 64)])
 def test_npz_wrong_shape(tmp_path, shape):
     p = tmp_path / "s.npz"

@@ -171,6 +171,14 @@ def test_to_model_space_values_and_layout():
     assert torch.allclose(f, torch.full((1, 1, 2, 2), -0.5))
 
 
+def test_read_only_numpy_input(recwarn):
+    x = _u8((2, 4, 4, 3))
+    x.setflags(write=False)
+    back = from_model_space(to_model_space(x))
+    np.testing.assert_array_equal(back.numpy(), x)
+    assert not [w for w in recwarn if "writable" in str(w.message)]
+
+
 def test_from_model_space_clamps():
     x = torch.tensor([-1.01, -5.0, -1e9, 1.01, 7.0, float("inf"), float("-inf")]).reshape(1, 1, 1, 7)
     out = from_model_space(x).flatten().tolist()

@@ -1,21 +1,16 @@
 """The bulk pipeline: chunks, manifest, resume after SIGKILL, limits, overwrite protection."""
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
+from benchmarks.kill_resume import kill_and_resume
 from puregen.api import load_purifier, purify_dataset
 from puregen.data import read_dataset, write_dataset
 from puregen.errors import InputError
 
-from .conftest import REPO, smooth_images
+from .conftest import smooth_images
 
 
 @pytest.fixture(scope="module")
@@ -96,40 +91,11 @@ def test_filt_pipeline_matches_api(tmp_path, dataset_file, tiny_models):
     assert "filt_threshold" in manifest
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "puregen.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, **kw)
-
-
-def _kill_and_resume(tmp_path, input_path, extra, chunk_size, n_chunks):
-    """Run `puregen purify` uninterrupted, then again with SIGKILL at a random chunk and --resume."""
-    ref = tmp_path / "ref.npz"
-    r = _cli("purify", input_path, "-o", ref, *extra, "--chunk-size", chunk_size, "--no-progress")
-    assert r.returncode == 0, r.stderr
-    out = tmp_path / "out.npz"
-    kill_at = random.Random(os.getpid()).randrange(1, n_chunks)
-    cmd = [sys.executable, "-m", "puregen.cli", "purify", str(input_path), "-o", str(out), *map(str, extra),
-           "--chunk-size", str(chunk_size), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "out.npz.parts"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(parts.glob("chunk-*.npz"))) >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-    assert not out.exists()
-    r = _cli("purify", input_path, "-o", out, *extra, "--chunk-size", chunk_size, "--no-progress", "--resume")
-    assert r.returncode == 0, r.stderr
-    assert out.read_bytes() == ref.read_bytes()
-    return kill_at
-
-
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_bytes(tmp_path, dataset_file, tiny_checkpoints):
     ebm, ddpm = tiny_checkpoints
     extra = ["--method", "naive", "--preset", "tiny", "--ebm", ebm, "--ddpm", ddpm, "--steps", 3, "--t-star", 3,
              "--threads", 2, "--micro-batch", 8]
-    _kill_and_resume(tmp_path, dataset_file, extra, chunk_size=8, n_chunks=5)
+    result = kill_and_resume(dataset_file, tmp_path, extra, chunk_size=8, num_chunks=5)
+    assert result["byte_identical"], result
+    assert 0 < result["images_resumed"] < 40, result  # finished chunks were not redone

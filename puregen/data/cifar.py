@@ -30,7 +30,10 @@ the file.  Instead the names resolve to small stand-ins that record the
 pickled arguments and state, check them (plain numeric dtypes only: bool,
 (u)int8..64, float16/32/64; shape and payload length must agree), and build
 the array with ``np.frombuffer(...).reshape(...)``; the stand-ins are
-replaced by the real arrays after loading.
+replaced by the real arrays after loading.  Before unpickling, the opcodes
+are walked with :mod:`pickletools` (nothing executed): forged length fields
+fail there instead of making the unpickler allocate huge buffers, and the
+opcodes for out-of-band buffers / bytearrays / persistent ids are refused.
 
 A directory is read as follows (``split`` picks the part):
 
@@ -72,6 +75,7 @@ __all__ = [
     "is_cifar_dir",
     "write_cifar_batch",
 ]
+
 
 class _Refused(Exception):
     """Raised by the stand-ins below; turned into an InputError naming the file."""
@@ -360,7 +364,9 @@ def find_cifar_batches(directory: str | os.PathLike, split: str | None = None) -
     )
     if not train and "train" in files and base.name == "cifar-100-python":
         train = [files["train"]]
-    test = [files[n] for n in ("test_batch", "test") if n in files and (n == "test_batch" or base.name == "cifar-100-python")]
+    test = [files["test_batch"]] if "test_batch" in files else []
+    if not test and "test" in files and base.name == "cifar-100-python":
+        test = [files["test"]]
     if split is None:
         split = "train" if train else "test"
     if split not in ("train", "test"):

@@ -82,7 +82,10 @@ def to_model_space(images: Any, source: str = "input") -> torch.Tensor:
     else:
         images = images.reshape(check_image_shape(images.shape, source))
     if container == "numpy":
-        t = torch.from_numpy(np.ascontiguousarray(images))
+        arr = np.ascontiguousarray(images)
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays (mmap, frombuffer)
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
     else:
         t = images.detach()
     t = t.permute(0, 3, 1, 2)

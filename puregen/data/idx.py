@@ -47,7 +47,14 @@ __all__ = [
 ]
 
 _UBYTE = 0x08
-_TYPE_NAMES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+_TYPE_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
 _NAME_PAIRS = (("images-idx3", "labels-idx1"), ("images.idx3", "labels.idx1"))
 
 

@@ -2,11 +2,12 @@
 
 The target format comes from the path:
 
-* ``*.npz`` -> arrays ``x`` (uint8 NHWC) and ``y`` (int64; omitted without labels);
-* ``*.npy`` -> ``x`` only (giving labels is an error: they would be lost);
-* a name containing ``images-idx3`` -> IDX images file (+ labels file beside it);
+* a name containing ``images-idx3`` (e.g. ``train-images-idx3-ubyte.gz``)
+  -> IDX images file (+ labels file beside it; single-channel only);
 * a path ending in ``/``, a path with no suffix, or an existing directory
-  -> image folder of PNGs (see :mod:`puregen.data.folder`).
+  -> image folder of PNGs (see :mod:`puregen.data.folder`);
+* ``*.npz`` -> arrays ``x`` (uint8 NHWC) and ``y`` (int64; omitted without labels);
+* ``*.npy`` -> ``x`` only (giving labels is an error: they would be lost).
 
 Every output is written to a temporary sibling and moved into place with
 ``os.replace``: a crash never leaves a half-written output, and an existing
