@@ -42,6 +42,7 @@ __all__ = [
     "find_idx_labels",
     "labels_name_for",
     "is_idx_images_name",
+    "idx_images_in_dir",
     "write_idx",
     "write_idx_dataset",
 ]

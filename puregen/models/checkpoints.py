@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .ebm import EBM, EBMConfig
+from .safetensors_io import load_checked_state, read_json, read_safetensors
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -49,52 +50,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
-
-
-def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load `state` strictly, with one message listing what does not fit."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    for k, v in state.items():
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            problems.append(f"{k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
-            break
-    if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"{path}: tensor {k} holds NaN or Inf")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
 def _model_from_config(model_type: str, config: dict, path: Path) -> nn.Module:
@@ -149,7 +104,7 @@ def load_model(path: str | os.PathLike, expect: str | None = None) -> LoadedMode
             model_type = "ebm"
             model = EBM(_ebm_config_from_weights(state, weights))
             layout = "hub-ebm"
-        apply_state_dict(model, state, weights)
+        load_checked_state(model, state, weights, CONFIG_FILE if layout == "puregen" else "its weight shapes")
         loaded = LoadedModel(model, model_type, str(folder), layout, file_sha256(weights))
 
     if expect is not None and loaded.model_type != expect:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from puregen.errors import CheckpointError
+from puregen.models.safetensors_io import load_checked_state, read_json, read_safetensors
 from puregen.models.unet import UNet2D, UNetConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_diffusers_unet", "save_diffusers_unet"]
@@ -31,26 +32,9 @@ _LEGACY_ATTENTION_NAMES = {
     "value": "to_v",
     "proj_attn": "to_out.0",
 }
-_SHOW = 5  # how many offending keys an error message lists
-
-
-def _first(items: list[str]) -> str:
-    shown = ", ".join(items[:_SHOW])
-    more = f" (and {len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-    return shown + more
-
-
 def read_config(path: str | os.PathLike[str]) -> UNetConfig:
     """Parse a diffusers ``config.json`` into a `UNetConfig` (errors name the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config file not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read config file: {e}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    raw = read_json(path)
     try:
         return UNetConfig.from_dict(raw)
     except (ValueError, TypeError) as e:
@@ -87,42 +71,10 @@ def load_diffusers_unet(
     config = read_config(folder / CONFIG_NAME)
 
     weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file not found")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as e:  # safetensors raises its own error types (and OSError)
-        raise CheckpointError(
-            f"{weights}: cannot read safetensors file (truncated or corrupt?): {e}"
-        ) from None
-    state = _rename_legacy_keys(state)
-
+    state = _rename_legacy_keys(read_safetensors(weights, device))
     with torch.device("meta"):
         model = UNet2D(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_first(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
-        raise CheckpointError(
-            f"{weights}: weights do not match the model described by {CONFIG_NAME}: " + "; ".join(parts)
-        )
-    for key, shape in expected.items():
-        got = tuple(state[key].shape)
-        if got != shape:
-            raise CheckpointError(
-                f"{weights}: shape mismatch for {key}: checkpoint has {list(got)}, "
-                f"model (from {CONFIG_NAME}) expects {list(shape)}"
-            )
-        if not state[key].is_floating_point():
-            raise CheckpointError(f"{weights}: {key} has non-floating dtype {state[key].dtype}")
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    load_checked_state(model, state, weights, CONFIG_NAME, dtype)
     return model.eval()
 
 
