@@ -83,9 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, required=True)
     ap.add_argument("--num-images", type=int, required=True, help="images the job purifies (after --limit)")
     ap.add_argument("--seed", type=int, help="seed of the random kill point")
-    ap.add_argument("purify_args", nargs=argparse.REMAINDER, help="-- then the arguments of `puregen purify`")
-    args = ap.parse_args(argv)
-    extra = args.purify_args[1:] if args.purify_args[:1] == ["--"] else args.purify_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:split])
+    extra = argv[split + 1 :]  # the arguments of `puregen purify`, after `--`
     num_chunks = -(-args.num_images // args.chunk_size)
     result = kill_and_resume(args.input, args.workdir, extra, args.chunk_size, num_chunks, args.seed)
     print(json.dumps(result, indent=2))
