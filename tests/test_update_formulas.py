@@ -36,6 +36,7 @@ def test_one_langevin_step_matches_float64_formula():
     err = (out.double() - ref).abs().max().item()
     drift = ((1.25e-2**2 / 2) * g).abs().max().item()
     assert drift > 1e-6, "the test needs a non-trivial gradient"
+    print(f"\none Langevin step: max abs error vs float64 = {err:.3e} (drift term up to {drift:.3e})")
     assert err < 2e-6, err  # fp32 state and gradient vs float64: a few fp32 ulp of values ~1
 
 
@@ -73,6 +74,7 @@ def test_forward_noising_and_one_reverse_step_match_float64_formulas():
 
     out = diffuse_denoise(x0, ev, cfg, indices=idx, seed=seed)
     err = (out.double() - x_t).abs().max().item()
+    print(f"\nforward noising + reverse steps t=1,0: max abs error vs float64 = {err:.3e}")
     assert err < 1e-5, err  # fp32 UNet and state vs float64 over two steps
 
 
