@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from puregen.config import DiffusionConfig, LangevinConfig
@@ -18,10 +19,11 @@ def _random_images(shape, seed):
     return torch.rand(shape, generator=g) * 1.8 - 0.9
 
 
-def test_one_langevin_step_matches_float64_formula():
+@pytest.mark.parametrize("nf,side", [(32, 16), (128, 32)], ids=["small", "paper"])
+def test_one_langevin_step_matches_float64_formula(nf, side):
     torch.manual_seed(0)
-    ebm = EBM(EBMConfig(in_channels=3, nf=32))
-    x = _random_images((5, 3, 16, 16), 1)
+    ebm = EBM(EBMConfig(in_channels=3, nf=nf))
+    x = _random_images((5, 3, side, side), 1)
     idx = torch.tensor([3, 9, 0, 41, 7])
     cfg = LangevinConfig()  # published eps=1.25e-2, temp=1e-4
     out = langevin(x, TorchEvaluator(ebm, micro_batch=4), cfg, steps=1, indices=idx, seed=123)
@@ -31,7 +33,7 @@ def test_one_langevin_step_matches_float64_formula():
     x64 = x.double().requires_grad_(True)
     # x <- x - eps^2/2 * grad_x[G(x)/temp] + eps * n, all in float64
     (g,) = torch.autograd.grad((ebm64(x64) / 1e-4).sum(), x64)
-    n = philox.normal_noise(idx, (3, 16, 16), seed=123, stream=philox.STREAM_EBM, step=0).double()
+    n = philox.normal_noise(idx, (3, side, side), seed=123, stream=philox.STREAM_EBM, step=0).double()
     ref = x.double() - (1.25e-2**2 / 2) * g + 1.25e-2 * n
     err = (out.double() - ref).abs().max().item()
     drift = ((1.25e-2**2 / 2) * g).abs().max().item()
@@ -45,10 +47,13 @@ def _float64_schedule():
     return betas, np.cumprod(1 - betas)
 
 
-def test_forward_noising_and_one_reverse_step_match_float64_formulas():
+@pytest.mark.parametrize("arch", ["tiny", "paper"])
+def test_forward_noising_and_one_reverse_step_match_float64_formulas(arch):
     torch.manual_seed(0)
-    unet = UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28))
-    x0 = _random_images((3, 1, 28, 28), 2)
+    config = UNetConfig.tiny(in_channels=1, sample_size=28) if arch == "tiny" else UNetConfig.paper()
+    unet = UNet2D(config)
+    shape = (1, 28, 28) if arch == "tiny" else (3, 32, 32)
+    x0 = _random_images((3, *shape), 2)
     idx = torch.tensor([5, 1, 8])
     t_star, seed = 1 + 1, 77  # noise to index 1, then reverse steps t=1 and t=0
     cfg = DiffusionConfig(t_star=t_star)
@@ -56,7 +61,7 @@ def test_forward_noising_and_one_reverse_step_match_float64_formulas():
 
     # Reference in float64 from the DDPM paper's formulas.
     betas, abar = _float64_schedule()
-    n_fwd = philox.normal_noise(idx, (1, 28, 28), seed=seed, stream=philox.STREAM_DDPM_FORWARD, step=0).double()
+    n_fwd = philox.normal_noise(idx, shape, seed=seed, stream=philox.STREAM_DDPM_FORWARD, step=0).double()
     x_t = math.sqrt(abar[t_star - 1]) * x0.double() + math.sqrt(1 - abar[t_star - 1]) * n_fwd
     unet64 = UNet2D(unet.config).double().eval()
     unet64.load_state_dict(unet.state_dict())
@@ -69,7 +74,7 @@ def test_forward_noising_and_one_reverse_step_match_float64_formulas():
             math.sqrt(1 - betas[t]) * (1 - abar_prev) / (1 - abar[t])
         ) * x_t
         var = (1 - abar_prev) / (1 - abar[t]) * betas[t]  # fixed_small
-        n = philox.normal_noise(idx, (1, 28, 28), seed=seed, stream=philox.STREAM_DDPM_REVERSE, step=t).double()
+        n = philox.normal_noise(idx, shape, seed=seed, stream=philox.STREAM_DDPM_REVERSE, step=t).double()
         x_t = mean + (math.sqrt(var) * n if t > 0 else 0)
 
     out = diffuse_denoise(x0, ev, cfg, indices=idx, seed=seed)
