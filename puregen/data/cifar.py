@@ -62,7 +62,7 @@ import numpy as np
 
 from puregen.data.atomic import atomic_write_file
 from puregen.data.dataset import ImageDataset
-from puregen.data.validation import validate_images_uint8, validate_labels
+from puregen.data.validation import read_file_bytes, validate_images_uint8, validate_labels
 from puregen.errors import InputError
 
 __all__ = [
@@ -253,8 +253,8 @@ def restricted_load(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     src = str(path)
+    data = read_file_bytes(path, "a CIFAR batch file")
     try:
-        data = path.read_bytes()
         _prescan(data)
         obj = RestrictedUnpickler(io.BytesIO(data), source=src, encoding="bytes").load()
         return _materialize(obj)
@@ -262,12 +262,6 @@ def restricted_load(path: str | os.PathLike) -> Any:
         raise
     except _Refused as e:
         raise InputError(f"{src}: {e}") from None
-    except FileNotFoundError:
-        raise InputError(f"{src}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{src}: is a directory, expected a CIFAR batch file") from None
-    except PermissionError:
-        raise InputError(f"{src}: permission denied") from None
     except MemoryError:
         raise InputError(f"{src}: truncated or corrupt CIFAR pickle (ran out of memory reading it)") from None
     except RecursionError:

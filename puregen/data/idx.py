@@ -32,7 +32,7 @@ import numpy as np
 
 from puregen.data.atomic import atomic_write_file
 from puregen.data.dataset import ImageDataset
-from puregen.data.validation import validate_images_uint8, validate_labels
+from puregen.data.validation import read_file_bytes, validate_images_uint8, validate_labels
 from puregen.errors import InputError
 
 __all__ = [
@@ -61,14 +61,7 @@ _NAME_PAIRS = (("images-idx3", "labels-idx1"), ("images.idx3", "labels.idx1"))
 
 def _read_bytes(path: Path) -> bytes:
     src = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{src}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{src}: is a directory, expected an IDX file") from None
-    except PermissionError:
-        raise InputError(f"{src}: permission denied") from None
+    raw = read_file_bytes(path, "an IDX file")
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)

@@ -211,3 +211,20 @@ def validate_labels(
     if hi > np.iinfo(np.int64).max:
         raise InputError(f"{source}: {name} has values too large for int64 (max {hi})")
     return np.ascontiguousarray(labels, dtype=np.int64)
+
+
+def read_file_bytes(path, expected: str) -> bytes:
+    """The whole file at `path`; a missing, unreadable or directory path is an InputError.
+
+    `expected` names what the file should be (e.g. "an IDX file"), for the message.
+    """
+    src = str(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise InputError(f"{src}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{src}: is a directory, expected {expected}") from None
+    except PermissionError:
+        raise InputError(f"{src}: permission denied") from None

@@ -45,8 +45,9 @@ def _load(path, kind: str, what: str, cfg: MethodConfig) -> LoadedModel:
     return load_model(path, expect=kind)
 
 
-def build_purifier(
+def load_purifier(
     method: str,
+    checkpoint=None,
     *,
     ebm=None,
     ddpm=None,
@@ -58,7 +59,16 @@ def build_purifier(
     threads: int | None = None,
     **overrides,
 ) -> Purifier:
-    """A purifier for `method`; `ebm`/`ddpm` are checkpoint folders or loaded nn.Modules."""
+    """A ready purifier for `method`.
+
+    `ebm` / `ddpm` are checkpoint folders or loaded nn.Modules; `checkpoint`
+    is a shorthand for the one network of the `ebm` and `ddpm` methods.
+    `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality.
+    """
+    if checkpoint is not None:
+        if method not in ("ebm", "ddpm"):
+            raise TypeError(f"method {method!r} takes ebm= and ddpm= checkpoints, not one checkpoint")
+        ebm, ddpm = (checkpoint, ddpm) if method == "ebm" else (ebm, checkpoint)
     cfg = method_config(method, preset, **overrides)
     check_backend(backend, precision)
     dev = resolve_device(device)
