@@ -1,1 +1,1 @@
-
+"""Ray Data integration for sharded purification (planned)."""

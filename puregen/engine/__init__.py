@@ -1,1 +1,1 @@
-
+"""The purification engine: samplers, purifiers, network evaluation, the bulk pipeline."""

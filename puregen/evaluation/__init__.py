@@ -1,1 +1,1 @@
-
+"""Poison attacks, the classifier harness and defense reports (planned: evaluation issue)."""

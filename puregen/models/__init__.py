@@ -1,1 +1,1 @@
-
+"""Networks (plain nn.Modules, no purification logic) and their checkpoint formats."""
