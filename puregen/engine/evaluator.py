@@ -9,6 +9,7 @@ of its final row and the padding is dropped.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -78,7 +79,9 @@ class TorchEvaluator:
         self.ebm = self._prepare(ebm)
         self.unet = self._prepare(unet)
         if self.device.type == "cuda":
-            # Input gradients on CUDA are reproducible only with deterministic kernels.
+            # Input gradients on CUDA are reproducible only with deterministic kernels;
+            # cuBLAS needs a fixed workspace for that (set before its first use).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=False)
 
