@@ -99,3 +99,20 @@ def test_sigkill_and_resume_gives_identical_bytes(tmp_path, dataset_file, tiny_c
     result = kill_and_resume(dataset_file, tmp_path, extra, chunk_size=8, num_chunks=5)
     assert result["byte_identical"], result
     assert 0 < result["images_resumed"] < 40, result  # finished chunks were not redone
+
+
+def test_filt_purifier_can_run_two_jobs(tmp_path, dataset_file, tiny_models):
+    p = _purifier(tiny_models, "filt")
+    first = purify_dataset(dataset_file, tmp_path / "a.npz", purifier=p, progress=False)
+    assert p.needs_global_pass  # the first dataset's selection did not stick to the purifier
+    second = purify_dataset(dataset_file, tmp_path / "b.npz", purifier=p, limit=10, progress=False)
+    assert sum(first["audit"]["filt_selected"]) == 20 and sum(second["audit"]["filt_selected"]) == 5
+
+
+def test_corrupt_parts_manifest_is_a_clear_error(tmp_path, dataset_file, tiny_models):
+    parts = tmp_path / "o.npz.parts"
+    parts.mkdir()
+    (parts / "manifest.json").write_text('{"input_fingerprint": ')
+    with pytest.raises(InputError, match="manifest"):
+        purify_dataset(dataset_file, tmp_path / "o.npz", purifier=_purifier(tiny_models, "jpeg"), resume=True,
+                       progress=False)

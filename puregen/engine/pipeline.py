@@ -156,6 +156,13 @@ def _progress_bar(total: int, desc: str, enabled: bool):
                 bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
 
 
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable manifest ({e}); use --overwrite to start again") from None
+
+
 def _check_resumable(paths: JobPaths, manifest: dict, input_fp: str, config_fp: str) -> None:
     if manifest.get("input_fingerprint") != input_fp:
         raise InputError(
@@ -193,8 +200,7 @@ def run_job(
     paths = JobPaths(Path(output_path))
     if paths.output.resolve() == Path(input_path).resolve():
         raise InputError(f"{output_path}: the output would overwrite the input")
-    if not paths.output.parent.is_dir():
-        raise InputError(f"{paths.output.parent}: output folder does not exist")
+    paths.output.parent.mkdir(parents=True, exist_ok=True)
 
     dataset = read_dataset(input_path, format=input_format)
     images, labels = dataset.images, dataset.labels
@@ -207,14 +213,14 @@ def run_job(
 
     if paths.output.exists() or paths.final_manifest.exists():
         if resume and paths.final_manifest.exists() and paths.output.exists():
-            done = json.loads(paths.final_manifest.read_text())
+            done = _read_manifest(paths.final_manifest)
             if done.get("input_fingerprint") == input_fp and done.get("config_fingerprint") == config_fp:
                 return done  # already complete, nothing to redo
         if not overwrite:
             raise InputError(f"{paths.output}: already exists; pass --overwrite to replace it")
     if paths.parts.exists():
         if resume:
-            manifest = json.loads(paths.parts_manifest.read_text()) if paths.parts_manifest.exists() else None
+            manifest = _read_manifest(paths.parts_manifest) if paths.parts_manifest.exists() else None
             if manifest is not None:
                 _check_resumable(paths, manifest, input_fp, config_fp)
         elif overwrite:
@@ -245,19 +251,32 @@ def run_job(
     chunks = [(k, s, min(s + chunk_size, n)) for k, s in enumerate(range(0, n, chunk_size))]
     started = time.perf_counter()
 
-    if purifier.needs_global_pass:
+    global_pass = purifier.needs_global_pass
+    if global_pass:
         _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress)
         energies = np.concatenate([np.load(paths.energy_chunk(k)) for k, _, _ in chunks])
         purifier.filt_selection = FiltSelection.from_quantile(
             energies, np.arange(n), purifier.config.filt.filter_frac
         )
         manifest["filt_threshold"] = {"energy": purifier.filt_selection.energy, "index": purifier.filt_selection.index}
+    try:
+        images_run = _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, progress, on_chunk)
+    finally:
+        if global_pass:  # the selection belongs to this dataset, not to the purifier
+            purifier.filt_selection = None
+    elapsed = time.perf_counter() - started
+    return _merge(paths, manifest, chunks, labels, elapsed, images_run)
 
+
+def _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, progress, on_chunk) -> int:
+    """The main pass over the chunks not yet finished; returns how many images it purified."""
+    n = len(images)
     finished = {k for k in manifest["finished_chunks"] if paths.chunk(k).exists()}
     todo = [c for c in chunks if c[0] not in finished]
+    images_todo = sum(stop - start for _, start, stop in todo)
     bar = _progress_bar(n, f"purify[{purifier.method}]", progress)
     if bar is not None:
-        bar.update(n - sum(stop - start for _, start, stop in todo))
+        bar.update(n - images_todo)
     writer = _Writer(paths, manifest)
     try:
         for k, start, stop, chunk in _Prefetcher(images, todo):
@@ -280,9 +299,7 @@ def run_job(
         writer.close()
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - started
-
-    return _merge(paths, manifest, chunks, labels, elapsed, sum(stop - start for _, start, stop in todo))
+    return images_todo
 
 
 def _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress) -> None:
