@@ -70,3 +70,18 @@ def test_filt_passes_unselected_images_through(images, tiny_models):
     kept, purified = order[:48], order[48:]
     assert np.array_equal(out[kept], images[kept])
     assert all(not np.array_equal(out[i], images[i]) for i in purified)
+
+
+def test_filt_stream_needs_and_uses_an_energy_threshold(images, tiny_models):
+    from puregen.errors import InputError
+
+    ebm, unet = tiny_models
+    p = load_purifier("filt", ebm=ebm, ddpm=unet, preset="tiny", t_star=2, micro_batch=8, threads=2)
+    with pytest.raises(InputError, match="threshold"):
+        list(p.purify_stream([images[:4]]))
+    threshold = float(np.median(p.energies(__import__("torch").from_numpy(images[:16]))))
+    q = load_purifier("filt", ebm=ebm, ddpm=unet, preset="tiny", t_star=2, micro_batch=8, threads=2,
+                      energy_threshold=threshold)
+    streamed = np.concatenate(list(q.purify_stream([images[:6], images[6:16]], seed=1)))
+    assert np.array_equal(streamed, q.purify(images[:16], seed=1))
+    assert 0 < (streamed != images[:16]).any(axis=(1, 2, 3)).sum() < 16  # some purified, some passed through
