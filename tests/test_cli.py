@@ -175,3 +175,11 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path, tiny_models):
     assert loaded.layout == "hub-ebm" and loaded.model.config == EBMConfig(3, 8)
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(loaded.model(x), ref(x))
+
+
+def test_images_that_do_not_fit_the_checkpoint(tmp_path, tiny_checkpoints):
+    rgb = tmp_path / "rgb.npz"
+    write_dataset(rgb, smooth_images(3, c=3), None)
+    r = cli("purify", rgb, "-o", tmp_path / "o.npz", "--method", "ebm", "--preset", "tiny", "--ebm",
+            tiny_checkpoints[0])
+    assert_input_error(r, "rgb.npz", "3 channel", "expects 1")

@@ -208,6 +208,7 @@ def run_job(
         images = images[:limit]
         labels = None if labels is None else labels[:limit]
     n = len(images)
+    purifier.check_image_shape(*images.shape[1:], source=str(input_path))
     input_fp = dataset_fingerprint(images, labels)
     config_fp, config = config_fingerprint(purifier, seed, chunk_size)
 

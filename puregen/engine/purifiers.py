@@ -102,6 +102,22 @@ class Purifier:
         """`filt` ranks all images by energy before purifying any."""
         return self.method == "filt" and self.filt_selection is None
 
+    def check_image_shape(self, height: int, width: int, channels: int, source: str = "input") -> None:
+        """A clear error when the images do not fit the loaded networks."""
+        if self.evaluator is None:
+            return
+        for what, model in (("EBM", getattr(self.evaluator, "ebm", None)), ("DDPM", getattr(self.evaluator, "unet", None))):
+            if model is None:
+                continue
+            expected = model.config.in_channels
+            if channels != expected:
+                raise InputError(
+                    f"{source}: images have {channels} channel(s), but the {what} checkpoint expects {expected}; "
+                    f"use a checkpoint trained on {channels}-channel images"
+                )
+        if self.method != "jpeg" and min(height, width) < 4:
+            raise InputError(f"{source}: images of {height}x{width} are too small to purify")
+
     def network_steps(self) -> int:
         """Network evaluations per image, for progress reporting."""
         c = self.config
@@ -201,6 +217,7 @@ class Purifier:
         x_model, restore = prepare_api_input(images)
         u8 = from_model_space(x_model)
         n = u8.shape[0]
+        self.check_image_shape(*u8.shape[1:])
         idx = _as_indices(indices, n, offset)
         if self.needs_global_pass:
             energies = np.concatenate([self.energies(u8[s : s + batch_size]) for s in range(0, n, batch_size)])
@@ -228,8 +245,10 @@ class Purifier:
             raise InputError("filt on a stream needs an explicit energy threshold (--energy-threshold)")
         position = offset
         for batch in batches:
-            x_model, restore = prepare_api_input(batch, source=f"stream batch at index {position}")
+            source = f"stream batch at index {position}"
+            x_model, restore = prepare_api_input(batch, source=source)
             u8 = from_model_space(x_model)
+            self.check_image_shape(*u8.shape[1:], source=source)
             idx = torch.arange(position, position + u8.shape[0], dtype=torch.int64)
             position += u8.shape[0]
             yield restore(self.purify_batch(u8, idx, seed).images)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..data.atomic import atomic_directory
 from ..errors import CheckpointError
 from .ebm import EBM, EBMConfig
 from .safetensors_io import load_checked_state, read_json, read_safetensors
@@ -114,30 +113,30 @@ def load_model(path: str | os.PathLike, expect: str | None = None) -> LoadedMode
     return loaded
 
 
-def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write `model` in our layout, atomically (a temporary folder, then a rename)."""
+def write_model_files(model: nn.Module, model_type: str, folder: Path) -> None:
+    """Our layout's two files (config.json, model.safetensors) into an existing folder."""
     from safetensors.torch import save_file
 
-    if isinstance(model, EBM):
-        model_type = "ebm"
-    else:
-        from .unet import UNet2D
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    meta = {"puregen_format": FORMAT_VERSION, "model_type": model_type, "config": model.config.to_dict()}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-        if not isinstance(model, UNet2D):
-            raise TypeError(f"cannot save a {type(model).__name__}")
-        model_type = "unet"
+
+def model_type_of(model: nn.Module) -> str:
+    if isinstance(model, EBM):
+        return "ebm"
+    from .unet import UNet2D
+
+    if isinstance(model, UNet2D):
+        return "unet"
+    raise TypeError(f"cannot save a {type(model).__name__}")
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model` in our layout, atomically (a temporary folder, then a rename)."""
+    model_type = model_type_of(model)
     folder = Path(path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        meta = {"puregen_format": FORMAT_VERSION, "model_type": model_type, "config": model.config.to_dict()}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(folder) as tmp:
+        write_model_files(model, model_type, tmp)
     return folder

@@ -1,0 +1,142 @@
+"""DDPM training: epsilon-prediction MSE on the restricted timesteps purification uses.
+
+Purification only ever runs the first t* <= 250 of the T = 1000 timesteps, so
+by default the model is trained on t drawn uniformly from [0, 250) (the
+published restricted schedule). AdamW, cosine learning rate with warm-up,
+EMA weights (the EMA model is the one saved for purification).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.schedule import DDPMSchedule
+from ..errors import InputError
+from ..models.unet import UNet2D, UNetConfig
+from .loop import (
+    Progress,
+    TrainingData,
+    batch_indices,
+    check_resume,
+    cosine_with_warmup,
+    ema_update,
+    set_lr,
+)
+from .state import load_training_state, save_training_state, step_generator
+
+
+def small_unet(in_channels: int = 1, sample_size: int = 28) -> UNetConfig:
+    """The `small` DDPM for 28x28 Fashion-MNIST: 3 levels, attention at 14x14."""
+    return UNetConfig(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32, norm_num_groups=8,
+    )
+
+
+@dataclass
+class DDPMRecipe:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    ema_decay: float = 0.995
+    t_train: int = 250
+    grad_clip: float = 1.0
+    seed: int = 0
+    unet: dict = field(default_factory=lambda: small_unet().to_dict())
+
+    @classmethod
+    def preset(cls, name: str, in_channels: int = 1, sample_size: int = 28) -> "DDPMRecipe":
+        if name == "small":
+            return cls(unet=small_unet(in_channels, sample_size).to_dict())
+        if name == "tiny":
+            return cls(steps=20, batch_size=8, warmup=2, unet=UNetConfig.tiny(in_channels, sample_size).to_dict())
+        if name == "paper":
+            return cls(steps=200_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999,
+                       unet=UNetConfig.paper().to_dict())
+        raise InputError(f"unknown DDPM training preset {name!r}; choose small, tiny or paper")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def ddpm_loss(unet: UNet2D, x0: torch.Tensor, schedule: DDPMSchedule, t_train: int, g: torch.Generator) -> torch.Tensor:
+    t = torch.randint(0, t_train, (x0.shape[0],), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    return F.mse_loss(unet(x_t, t), noise)
+
+
+def train_ddpm(
+    data: TrainingData,
+    run_dir: str | Path,
+    recipe: DDPMRecipe,
+    *,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    progress: bool = True,
+    max_steps_this_call: int | None = None,
+) -> dict:
+    """Train (or continue training) a DDPM; returns the final info. The run folder is a checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = UNetConfig.from_dict(recipe.unet)
+    if data.images.shape[1] != cfg.in_channels:
+        raise InputError(f"{data.source}: images have {data.images.shape[1]} channels, the UNet expects {cfg.in_channels}")
+    torch.manual_seed(recipe.seed)
+    unet = UNet2D(cfg)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = DDPMSchedule()
+    start, history = 0, []
+    if resume and run_dir.exists():
+        info, extra = load_training_state(run_dir, model=unet, optimizer=opt)
+        check_resume(run_dir, info, recipe.to_dict(), data)
+        ema.load_state_dict({k: extra[f"ema.{k}"] for k in ema.state_dict()})
+        start, history = info["step"], info.get("history", [])
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(f"{run_dir}: a run already exists here; pass --resume to continue it")
+
+    def save(step: int) -> None:
+        info = {"kind": "ddpm", "recipe": recipe.to_dict(), "data_fingerprint": data.fingerprint,
+                "data_source": data.source, "history": history}
+        save_training_state(run_dir, model=unet, optimizer=opt, step=step, info=info, export_model=ema,
+                            extra_tensors={f"ema.{k}": v for k, v in ema.state_dict().items()})
+
+    stop = recipe.steps if max_steps_this_call is None else min(recipe.steps, start + max_steps_this_call)
+    bar = Progress(recipe.steps, start, "train ddpm", recipe.batch_size, progress)
+    running = None
+    unet.train()
+    for step in range(start, stop):
+        g = step_generator(recipe.seed, step)
+        x0 = data.images[batch_indices(len(data), recipe.batch_size, step, recipe.seed)]
+        set_lr(opt, cosine_with_warmup(step, recipe.steps, recipe.warmup, recipe.lr))
+        loss = ddpm_loss(unet, x0, schedule, recipe.t_train, g)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"DDPM loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
+        opt.step()
+        ema_update(ema, unet, recipe.ema_decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(step, loss=running)
+        if (step + 1) % 50 == 0:
+            history.append({"step": step + 1, "loss": round(running, 6)})
+        if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
+            save(step + 1)
+    bar.close()
+    if start == stop and not run_dir.exists():
+        save(stop)
+    return {"step": stop, "history": history, "run_dir": str(run_dir)}

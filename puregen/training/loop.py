@@ -1,0 +1,109 @@
+"""Pieces shared by the training loops: data, schedules, EMA, progress, resumption."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import read_dataset, to_model_space
+from ..engine.pipeline import dataset_fingerprint
+from ..errors import InputError
+
+
+@dataclass
+class TrainingData:
+    """Training images in model space (float32 NCHW in [-1, 1]) with labels and a fingerprint."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    fingerprint: str
+    source: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_training_data(path, *, limit: int | None = None, channels: int | None = None) -> TrainingData:
+    ds = read_dataset(path)
+    images, labels = ds.images, ds.labels
+    if limit is not None:
+        images, labels = images[:limit], None if labels is None else labels[:limit]
+    if channels is not None and images.shape[-1] != channels:
+        raise InputError(f"{path}: images have {images.shape[-1]} channels, the model expects {channels}")
+    if len(images) < 2:
+        raise InputError(f"{path}: need at least 2 training images, got {len(images)}")
+    return TrainingData(
+        images=to_model_space(images, str(path)),
+        labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)),
+        fingerprint=dataset_fingerprint(images, labels),
+        source=str(path),
+    )
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of `step`'s batch: epochs are seeded permutations, so any step can be recomputed."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, base_lr: float, final_frac: float = 0.0) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return base_lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class Progress:
+    """A tqdm bar over training steps showing the loss and samples/s."""
+
+    def __init__(self, total: int, start: int, desc: str, batch_size: int, enabled: bool = True):
+        self.batch_size = batch_size
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+        self.t0, self.s0 = time.perf_counter(), start
+
+    def update(self, step: int, **metrics: float) -> None:
+        if self.bar is None:
+            return
+        rate = (step + 1 - self.s0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in metrics.items()}, "samples/s": f"{rate:.1f}"})
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_resume(run_dir: Path, info: dict, recipe: dict, data: TrainingData) -> None:
+    """A resumed run must use the same recipe and data as the one that wrote the checkpoint."""
+    if info.get("recipe") != recipe:
+        changed = sorted(k for k in set(recipe) | set(info.get("recipe", {}))
+                         if recipe.get(k) != info.get("recipe", {}).get(k))
+        raise InputError(f"{run_dir}: cannot resume with a different recipe (changed: {', '.join(changed)})")
+    if info.get("data_fingerprint") != data.fingerprint:
+        raise InputError(f"{run_dir}: cannot resume on different training data ({data.source})")
