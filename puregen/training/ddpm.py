@@ -45,9 +45,9 @@ def small_unet(in_channels: int = 1, sample_size: int = 28) -> UNetConfig:
 
 @dataclass
 class DDPMRecipe:
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 64
-    lr: float = 2e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup: int = 100
     ema_decay: float = 0.995

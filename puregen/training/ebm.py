@@ -25,18 +25,18 @@ from .state import load_training_state, save_training_state, step_generator
 
 @dataclass
 class EBMRecipe:
-    steps: int = 2000
+    steps: int = 2400
     batch_size: int = 64
-    lr: float = 1e-4
-    lr_decay_at: tuple[int, ...] = (1500,)
+    lr: float = 2e-4
+    lr_decay_at: tuple[int, ...] = (2000,)
     lr_decay: float = 0.1
-    langevin_steps: int = 30
+    langevin_steps: int = 25
     eps: float = 1.25e-2
     temp: float = 1e-4
     data_jitter: float = 0.015
     bank_size: int = 10_000
     reinit_frac: float = 0.05
-    nf: int = 48
+    nf: int = 32
     in_channels: int = 1
     seed: int = 0
 
@@ -48,7 +48,7 @@ class EBMRecipe:
             return cls(steps=6, batch_size=8, langevin_steps=3, bank_size=32, nf=8, lr_decay_at=(4,),
                        in_channels=in_channels)
         if name == "paper":
-            return cls(steps=100_000, batch_size=100, langevin_steps=100, nf=128, bank_size=10_000,
+            return cls(steps=100_000, batch_size=100, lr=1e-4, langevin_steps=100, nf=128, bank_size=10_000,
                        lr_decay_at=(60_000, 90_000), in_channels=in_channels)
         raise InputError(f"unknown EBM training preset {name!r}; choose small, tiny or paper")
 
