@@ -102,10 +102,12 @@ def test_bad_usage_exit_2(good_npz, tmp_path):
     assert_input_error(r, "onnxruntime")
 
 
-def test_paper_preset_without_checkpoints_says_where_to_get_them(good_npz, tmp_path):
+def test_paper_preset_without_checkpoints_says_where_to_get_them(tmp_path):
+    cifar_like = tmp_path / "rgb.npz"  # no shipped default fits 32x32x3
+    write_dataset(cifar_like, smooth_images(4, 32, 32, 3), np.arange(4))
     for method, flag in (("ebm", "--ebm"), ("ddpm", "--ddpm"), ("naive", "--ebm")):
-        r = cli("purify", good_npz, "-o", tmp_path / "o.npz", "--method", method, "--preset", "paper")
-        assert_input_error(r, flag, "checkpoint", "puregen checkpoint init")
+        r = cli("purify", cifar_like, "-o", tmp_path / "o.npz", "--method", method, "--preset", "paper")
+        assert_input_error(r, flag, "checkpoint", "puregen train")
 
 
 def test_existing_output_not_overwritten(good_npz, tmp_path):
@@ -183,3 +185,19 @@ def test_images_that_do_not_fit_the_checkpoint(tmp_path, tiny_checkpoints):
     r = cli("purify", rgb, "-o", tmp_path / "o.npz", "--method", "ebm", "--preset", "tiny", "--ebm",
             tiny_checkpoints[0])
     assert_input_error(r, "rgb.npz", "3 channel", "expects 1")
+
+
+def test_shipped_defaults_are_used_only_for_their_shape(tmp_path, tiny_checkpoints, monkeypatch):
+    import puregen.models.defaults as defaults
+    import shutil
+
+    assets = tmp_path / "assets"
+    shutil.copytree(tiny_checkpoints[0], assets / "fashion-mnist-ebm")
+    monkeypatch.setattr(defaults, "ASSETS", assets)
+    p = load_purifier("ebm", preset="tiny", steps=1, threads=2)  # no checkpoint: the shipped default
+    assert p.provenance["defaults"] == ["ebm"]
+    assert p.purify(smooth_images(2), seed=0).shape == (2, 28, 28, 1)
+    with pytest.raises(InputError, match="28x28x1"):
+        p.purify(smooth_images(2, h=32, w=32))
+    with pytest.raises(InputError, match="--ddpm"):  # no DDPM default in this fake asset folder
+        load_purifier("ddpm", preset="tiny")

@@ -9,14 +9,16 @@ import torch
 from ..config import MethodConfig, method_config
 from ..errors import InputError
 from ..models.checkpoints import LoadedModel, load_model
+from ..models.defaults import default_checkpoint
 from .evaluator import DEFAULT_MICRO_BATCH, TorchEvaluator, check_backend
 from .purifiers import Purifier
 
 CHECKPOINT_HELP = (
-    "Pass a local checkpoint folder: --ebm DIR for the EBM (our layout, or the published PureGen EBM in the "
-    "Hugging Face hub layout: config.json + model.safetensors, downloaded by you), --ddpm DIR for the DDPM "
-    "(our layout or a diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors). "
-    "Random weights for timing: `puregen checkpoint init ebm|ddpm --preset paper -o DIR`."
+    "No default model is shipped for it. Pass a local checkpoint folder: --ebm DIR for the EBM (our layout, "
+    "or the published PureGen EBM in the Hugging Face hub layout: config.json + model.safetensors, downloaded "
+    "by you), --ddpm DIR for the DDPM (our layout or a diffusers UNet2DModel folder: config.json + "
+    "diffusion_pytorch_model.safetensors), or train one: `puregen train ebm|ddpm DATA -o DIR`. "
+    "Random weights for timing only: `puregen checkpoint init ebm|ddpm --preset paper -o DIR`."
 )
 
 
@@ -39,10 +41,16 @@ def pin_threads(threads: int | None) -> int:
     return threads
 
 
-def _load(path, kind: str, what: str, cfg: MethodConfig) -> LoadedModel:
+def _load(path, kind: str, what: str, cfg: MethodConfig) -> tuple[LoadedModel, bool]:
+    """The checkpoint at `path`, else the shipped default; the flag says a default was used."""
     if path is None:
-        raise InputError(f"method {cfg.method!r} with preset {cfg.preset!r} needs a {what} checkpoint. {CHECKPOINT_HELP}")
-    return load_model(path, expect=kind)
+        shipped = default_checkpoint(kind)
+        if shipped is None:
+            raise InputError(
+                f"method {cfg.method!r} with preset {cfg.preset!r} needs a {what} checkpoint. {CHECKPOINT_HELP}"
+            )
+        return load_model(shipped, expect=kind), True
+    return load_model(path, expect=kind), False
 
 
 def load_purifier(
@@ -75,14 +83,16 @@ def load_purifier(
     pinned = pin_threads(threads)
     if method == "jpeg":
         return Purifier(cfg, None, device=dev, provenance={"threads": pinned, "checkpoints": {}})
-    models, fingerprints = {}, {}
+    models, fingerprints, defaults = {}, {}, []
     for kind, what, source, needed in (("ebm", "EBM", ebm, cfg.needs_ebm), ("unet", "DDPM", ddpm, cfg.needs_ddpm)):
         if not needed:
             continue
         if isinstance(source, torch.nn.Module):
             models[kind], fingerprints[kind] = source, f"in-memory:{type(source).__name__}"
         else:
-            loaded = _load(source, kind, what, cfg)
+            loaded, is_default = _load(source, kind, what, cfg)
             models[kind], fingerprints[kind] = loaded.model, loaded.fingerprint
+            if is_default:
+                defaults.append(kind)
     evaluator = TorchEvaluator(models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch)
-    return Purifier(cfg, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints})
+    return Purifier(cfg, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints, "defaults": defaults})

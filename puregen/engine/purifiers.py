@@ -17,6 +17,7 @@ import torch
 from ..config import MethodConfig
 from ..data.convert import from_model_space, prepare_api_input, to_model_space
 from ..errors import InputError
+from ..models.defaults import check_default_fits
 from .samplers import diffuse_denoise, langevin
 
 ProgressFn = Callable[[float], None]
@@ -106,6 +107,8 @@ class Purifier:
         """A clear error when the images do not fit the loaded networks."""
         if self.evaluator is None:
             return
+        for kind in self.provenance.get("defaults", []):
+            check_default_fits(kind, height, width, channels, source)
         for what, model in (("EBM", getattr(self.evaluator, "ebm", None)), ("DDPM", getattr(self.evaluator, "unet", None))):
             if model is None:
                 continue
