@@ -24,12 +24,12 @@ from .loop import (
     Progress,
     TrainingData,
     batch_indices,
-    check_resume,
     cosine_with_warmup,
     ema_update,
+    open_run,
     set_lr,
 )
-from .state import load_training_state, save_training_state, step_generator
+from .state import save_training_state, step_generator
 
 
 def small_unet(in_channels: int = 1, sample_size: int = 28) -> UNetConfig:
@@ -99,14 +99,10 @@ def train_ddpm(
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = DDPMSchedule()
-    start, history = 0, []
-    if resume and run_dir.exists():
-        info, extra = load_training_state(run_dir, model=unet, optimizer=opt)
-        check_resume(run_dir, info, recipe.to_dict(), data)
+    start, history, extra = open_run(run_dir, resume=resume, model=unet, optimizer=opt, recipe=recipe.to_dict(),
+                                     data=data)
+    if start:
         ema.load_state_dict({k: extra[f"ema.{k}"] for k in ema.state_dict()})
-        start, history = info["step"], info.get("history", [])
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(f"{run_dir}: a run already exists here; pass --resume to continue it")
 
     def save(step: int) -> None:
         info = {"kind": "ddpm", "recipe": recipe.to_dict(), "data_fingerprint": data.fingerprint,
@@ -137,6 +133,4 @@ def train_ddpm(
         if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
             save(step + 1)
     bar.close()
-    if start == stop and not run_dir.exists():
-        save(stop)
     return {"step": stop, "history": history, "run_dir": str(run_dir)}

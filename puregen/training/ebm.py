@@ -19,8 +19,8 @@ import torch
 
 from ..errors import InputError
 from ..models.ebm import EBM, EBMConfig
-from .loop import Progress, TrainingData, batch_indices, check_resume, set_lr
-from .state import load_training_state, save_training_state, step_generator
+from .loop import Progress, TrainingData, batch_indices, open_run, set_lr
+from .state import save_training_state, step_generator
 
 
 @dataclass
@@ -93,16 +93,11 @@ def train_ebm(
     torch.manual_seed(recipe.seed)
     ebm = EBM(EBMConfig(in_channels=recipe.in_channels, nf=recipe.nf))
     opt = torch.optim.Adam(ebm.parameters(), lr=recipe.lr)
-    start, history = 0, []
-    if resume and run_dir.exists():
-        info, extra = load_training_state(run_dir, model=ebm, optimizer=opt)
-        check_resume(run_dir, info, recipe.to_dict(), data)
+    start, history, extra = open_run(run_dir, resume=resume, model=ebm, optimizer=opt, recipe=recipe.to_dict(),
+                                     data=data)
+    if "bank" in extra:
         bank = extra["bank"]
-        start, history = info["step"], info.get("history", [])
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(f"{run_dir}: a run already exists here; pass --resume to continue it")
-    else:
-        # step -1: the bank's initial draw, disjoint from every training step's generator
+    else:  # step -1: the bank's initial draw, disjoint from every training step's generator
         bank = _noisy_data(data, recipe.bank_size, recipe.data_jitter, step_generator(recipe.seed, -1))
 
     def save(step: int) -> None:

@@ -107,3 +107,16 @@ def check_resume(run_dir: Path, info: dict, recipe: dict, data: TrainingData) ->
         raise InputError(f"{run_dir}: cannot resume with a different recipe (changed: {', '.join(changed)})")
     if info.get("data_fingerprint") != data.fingerprint:
         raise InputError(f"{run_dir}: cannot resume on different training data ({data.source})")
+
+
+def open_run(run_dir: Path, *, resume: bool, model: nn.Module, optimizer, recipe: dict, data: TrainingData):
+    """Start or continue a run: returns (first step, loss history, extra saved tensors)."""
+    from .state import load_training_state
+
+    if resume and run_dir.exists():
+        info, extra = load_training_state(run_dir, model=model, optimizer=optimizer)
+        check_resume(run_dir, info, recipe, data)
+        return info["step"], info.get("history", []), extra
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(f"{run_dir}: a run already exists here; pass --resume to continue it")
+    return 0, [], {}
