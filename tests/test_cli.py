@@ -201,3 +201,16 @@ def test_shipped_defaults_are_used_only_for_their_shape(tmp_path, tiny_checkpoin
         p.purify(smooth_images(2, h=32, w=32))
     with pytest.raises(InputError, match="--ddpm"):  # no DDPM default in this fake asset folder
         load_purifier("ddpm", preset="tiny")
+
+
+def test_the_shipped_defaults_load_and_purify_fashion_mnist_shaped_images(tmp_path):
+    from puregen.models.defaults import default_checkpoint
+
+    assert default_checkpoint("ebm") is not None and default_checkpoint("unet") is not None
+    src = tmp_path / "fm.npz"
+    write_dataset(src, smooth_images(4), np.arange(4))
+    r = cli("purify", src, "-o", tmp_path / "o.npz", "--method", "naive", "--steps", 2, "--t-star", 2,
+            "--no-progress")  # no --ebm/--ddpm: the shipped models
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "o.npz.manifest.json").read_text())
+    assert set(manifest["config"]["checkpoints"]) == {"ebm", "unet"}
