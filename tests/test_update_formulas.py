@@ -129,3 +129,16 @@ def test_parameter_gradients_are_never_computed():
     for model in (ebm, unet):
         for name, p in model.named_parameters():
             assert not p.requires_grad and p.grad is None, name
+
+
+@pytest.mark.parametrize("cfg,side", [(EBMConfig.paper(), 32), (EBMConfig.tiny(), 28)])
+def test_ebm_flop_count_matches_torch_counter(cfg, side):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from puregen.models.ebm import count_flops
+
+    model = EBM(cfg)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.rand(1, cfg.in_channels, side, side))
+    assert counter.get_total_flops() == count_flops(cfg, side, side)
