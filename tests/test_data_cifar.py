@@ -4,7 +4,6 @@ import builtins
 import io
 import os
 import pickle
-import pickletools
 import struct
 
 import numpy as np

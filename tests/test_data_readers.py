@@ -11,7 +11,7 @@ from PIL import Image
 from puregen.data import ImageDataset, read_dataset, write_dataset
 from puregen.data.cifar import write_cifar_batch
 from puregen.data.folder import write_image_folder
-from puregen.data.idx import find_idx_labels, read_idx, write_idx, write_idx_dataset
+from puregen.data.idx import find_idx_labels, write_idx, write_idx_dataset
 from puregen.data.readers import detect_format
 from puregen.errors import InputError
 

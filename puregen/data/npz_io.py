@@ -74,15 +74,20 @@ def _member(z: Any, key: str, src: str) -> np.ndarray:
         raise _open_error(src, e) from None
 
 
+def _load(path: Path, src: str, expected: str) -> Any:
+    """``np.load`` without pickles, after a magic-number check; errors name the file."""
+    _check_magic(path, src, expected)
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise _open_error(src, e) from None
+
+
 def read_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> ImageDataset:
     """Read an ``.npz`` with ``x``/``images`` and optional ``y``/``labels``."""
     path = Path(path)
     src = str(path)
-    _check_magic(path, src, "an .npz archive")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise _open_error(src, e) from None
+    z = _load(path, src, "an .npz archive")
     if isinstance(z, np.ndarray):  # a .npy payload under an .npz name
         images = validate_images_uint8(z, src, name="array")
         return ImageDataset(images, None, src, num_classes)
@@ -102,11 +107,7 @@ def read_npy(path: str | os.PathLike, *, num_classes: int | None = None) -> Imag
     """Read a ``.npy`` holding uint8 images (no labels)."""
     path = Path(path)
     src = str(path)
-    _check_magic(path, src, "a .npy array")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise _open_error(src, e) from None
+    arr = _load(path, src, "a .npy array")
     if not isinstance(arr, np.ndarray):
         arr.close()
         raise InputError(f"{src}: is an .npz archive, not a .npy array; name it .npz")

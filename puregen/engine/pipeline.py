@@ -336,7 +336,6 @@ def _merge(paths: JobPaths, manifest: dict, chunks, labels, elapsed: float, imag
                     audit.setdefault(key[len("audit_"):], []).append(z[key])
     images = np.concatenate(parts)
     write_dataset(paths.output, images, labels)
-    n = len(images)
     final = dict(manifest)
     final.update(
         {

@@ -15,7 +15,6 @@ import torch
 
 from ..config import LangevinConfig
 from ..engine.evaluator import TorchEvaluator
-from ..engine.samplers import langevin
 from ..engine.schedule import DDPMSchedule
 from ..kernels import philox
 from .ebm import short_run
@@ -52,8 +51,3 @@ def ddpm_denoising_ratio(unet, held_out: torch.Tensor, t_star: int = 75, seed: i
     return {"t_star": t_star, "rms_error_predicted_x0": err_pred, "rms_error_noised_input": err_noisy,
             "ratio": err_pred / err_noisy}
 
-
-def ebm_purify(ebm, images: torch.Tensor, steps: int = 150, seed: int = 0) -> torch.Tensor:
-    ev = TorchEvaluator(ebm=ebm)
-    out = langevin(images, ev, LangevinConfig(steps=steps), indices=torch.arange(images.shape[0]), seed=seed)
-    return out.clamp(-1, 1)
