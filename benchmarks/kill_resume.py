@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,12 +40,15 @@ def kill_and_resume(input_path, workdir, extra, chunk_size: int, num_chunks: int
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ref, out = workdir / "reference.npz", workdir / "resumed.npz"
-    for stale in (ref, out):
-        if stale.exists():
-            stale.unlink()
+    for stale in (ref, out):  # a rerun in the same folder starts from nothing
+        for path in (stale, workdir / (stale.name + ".manifest.json")):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(workdir / (stale.name + ".parts"), ignore_errors=True)
     t_ref = _run(_purify_cmd(input_path, ref, extra, chunk_size))
 
-    kill_at = random.Random(rng_seed).randrange(1, num_chunks)
+    # Leave at least one whole chunk after the kill point: a poller descheduled for
+    # longer than one chunk must not see the job finish and merge before it acts.
+    kill_at = random.Random(rng_seed).randrange(1, max(num_chunks - 1, 2))
     proc = subprocess.Popen(_purify_cmd(input_path, out, extra, chunk_size), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = workdir / (out.name + ".parts")

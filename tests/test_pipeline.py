@@ -96,7 +96,7 @@ def test_sigkill_and_resume_gives_identical_bytes(tmp_path, dataset_file, tiny_c
     ebm, ddpm = tiny_checkpoints
     extra = ["--method", "naive", "--preset", "tiny", "--ebm", ebm, "--ddpm", ddpm, "--steps", 3, "--t-star", 3,
              "--threads", 2, "--micro-batch", 8]
-    result = kill_and_resume(dataset_file, tmp_path, extra, chunk_size=8, num_chunks=5)
+    result = kill_and_resume(dataset_file, tmp_path, extra, chunk_size=4, num_chunks=10)
     assert result["byte_identical"], result
     assert 0 < result["images_resumed"] < 40, result  # finished chunks were not redone
 
