@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from puregen.data import write_dataset
-from puregen.errors import InputError
+from puregen.errors import CheckpointError, InputError
 from puregen.models.checkpoints import load_model
-from puregen.training.classifier import ClassifierRecipe, accuracy, augment, train_classifier
+from puregen.training.classifier import (
+    ClassifierRecipe,
+    accuracy,
+    augment,
+    train_classifier,
+    train_classifier_run,
+)
 from puregen.training.ddpm import DDPMRecipe, train_ddpm
 from puregen.training.ebm import EBMRecipe, train_ebm
 from puregen.training.loop import load_training_data
@@ -86,3 +92,30 @@ def test_classifier_learns_a_separable_problem():
     model = train_classifier(images, labels, 2, dataclasses.replace(ClassifierRecipe.preset("tiny"), epochs=5,
                              batch_size=20, flip=False), progress=False)
     assert accuracy(model, images, labels) > 0.9
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_classifier_run_resumes_exactly_and_loads_as_a_checkpoint(precision, data, tmp_path):
+    recipe = ClassifierRecipe(epochs=2, batch_size=8, precision=precision)  # 48 images: 12 steps
+    whole = train_classifier_run(data, tmp_path / "whole", recipe, progress=False, checkpoint_every=4)
+    assert whole["step"] == 12
+    train_classifier_run(data, tmp_path / "split", recipe, progress=False, checkpoint_every=4, max_steps_this_call=5)
+    train_classifier_run(data, tmp_path / "split", recipe, progress=False, resume=True)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    loaded = load_model(tmp_path / "whole", expect="classifier")
+    assert loaded.model.config.num_classes == 4
+    with pytest.raises(CheckpointError, match="classifier"):
+        load_model(tmp_path / "whole", expect="ebm")
+    with pytest.raises(InputError, match="epochs"):
+        train_classifier_run(data, tmp_path / "whole", dataclasses.replace(recipe, epochs=3), resume=True,
+                             progress=False)
+
+
+def test_classifier_run_needs_labels(tmp_path):
+    path = tmp_path / "unlabelled.npy"
+    np.save(path, smooth_images(8))
+    with pytest.raises(InputError, match="needs labels"):
+        train_classifier_run(load_training_data(path), tmp_path / "run", ClassifierRecipe.preset("tiny"),
+                             progress=False)

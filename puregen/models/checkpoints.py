@@ -37,7 +37,7 @@ DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 @dataclass
 class LoadedModel:
     model: nn.Module
-    model_type: str  # "ebm" or "unet"
+    model_type: str  # "ebm", "unet" or "classifier"
     path: str
     layout: str  # "puregen", "hub-ebm" or "diffusers"
     fingerprint: str  # sha256 of the weights file
@@ -59,9 +59,14 @@ def _model_from_config(model_type: str, config: dict, path: Path) -> nn.Module:
             from .unet import UNet2D, UNetConfig
 
             return UNet2D(UNetConfig.from_dict(config))
+        if model_type == "classifier":
+            from .classifiers import ClassifierConfig, build_classifier
+
+            cfg = ClassifierConfig.from_dict(config)
+            return build_classifier(cfg.arch, cfg.in_channels, cfg.num_classes)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid {model_type} config ({e})") from None
-    raise CheckpointError(f"{path}: unknown model_type {model_type!r} (expected 'ebm' or 'unet')")
+    raise CheckpointError(f"{path}: unknown model_type {model_type!r} (expected 'ebm', 'unet' or 'classifier')")
 
 
 def _ebm_config_from_weights(state: dict[str, torch.Tensor], path: Path) -> EBMConfig:
@@ -107,7 +112,7 @@ def load_model(path: str | os.PathLike, expect: str | None = None) -> LoadedMode
         loaded = LoadedModel(model, model_type, str(folder), layout, file_sha256(weights))
 
     if expect is not None and loaded.model_type != expect:
-        role = {"ebm": "an EBM (--ebm)", "unet": "a DDPM UNet (--ddpm)"}
+        role = {"ebm": "an EBM (--ebm)", "unet": "a DDPM UNet (--ddpm)", "classifier": "a classifier"}
         raise CheckpointError(f"{folder}: holds {role[loaded.model_type]}, but {role[expect]} checkpoint is needed here")
     loaded.model.eval()
     return loaded
@@ -130,6 +135,10 @@ def model_type_of(model: nn.Module) -> str:
 
     if isinstance(model, UNet2D):
         return "unet"
+    from .classifiers import ClassifierConfig
+
+    if isinstance(getattr(model, "config", None), ClassifierConfig):
+        return "classifier"
     raise TypeError(f"cannot save a {type(model).__name__}")
 
 

@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch.nn.functional as F
 from torch import nn
+
+ARCHITECTURES = ("small-cnn", "resnet18")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """What a classifier checkpoint needs to rebuild its network."""
+
+    arch: str = "small-cnn"
+    in_channels: int = 1
+    num_classes: int = 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassifierConfig:
+        cfg = cls(arch=str(d["arch"]), in_channels=int(d["in_channels"]), num_classes=int(d["num_classes"]))
+        if cfg.arch not in ARCHITECTURES or cfg.in_channels < 1 or cfg.num_classes < 2:
+            raise ValueError(f"invalid classifier config {d}")
+        return cfg
 
 
 class SmallCNN(nn.Module):
@@ -64,8 +87,12 @@ class ResNet18(nn.Module):
 
 
 def build_classifier(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    """The network, with its `config` attached so that it saves as a checkpoint."""
     if arch == "small-cnn":
-        return SmallCNN(in_channels, num_classes)
-    if arch == "resnet18":
-        return ResNet18(in_channels, num_classes)
-    raise ValueError(f"unknown classifier {arch!r}; choose small-cnn or resnet18")
+        model = SmallCNN(in_channels, num_classes)
+    elif arch == "resnet18":
+        model = ResNet18(in_channels, num_classes)
+    else:
+        raise ValueError(f"unknown classifier {arch!r}; choose {' or '.join(ARCHITECTURES)}")
+    model.config = ClassifierConfig(arch, in_channels, num_classes)
+    return model

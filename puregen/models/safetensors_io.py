@@ -61,7 +61,8 @@ def load_checked_state(
 
     `model` may live on the meta device: the loaded tensors are assigned.
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -78,11 +79,15 @@ def load_checked_state(
                 f"{weights}: shape mismatch for {key}: checkpoint has {list(tensor.shape)}, "
                 f"model (from {described_by}) expects {list(shape)}"
             )
+        if not own[key].is_floating_point():  # counters such as BatchNorm's num_batches_tracked
+            if tensor.dtype != own[key].dtype:
+                raise CheckpointError(f"{weights}: {key} has dtype {tensor.dtype}, expected {own[key].dtype}")
+            continue
         if not tensor.is_floating_point():
             raise CheckpointError(f"{weights}: {key} has non-floating dtype {tensor.dtype}")
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{weights}: {key} holds NaN or Inf")
     if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..models.classifiers import build_classifier
-from .loop import Progress, batch_indices, cosine_with_warmup, set_lr
-from .state import step_generator
+from .loop import (
+    Progress,
+    TrainingData,
+    batch_indices,
+    cosine_with_warmup,
+    open_run,
+    set_lr,
+)
+from .state import save_training_state, step_generator
 
 
 @dataclass
@@ -25,16 +36,19 @@ class ClassifierRecipe:
     crop_padding: int = 2
     flip: bool = True
     seed: int = 0
+    # "bf16": autocast the forward and backward to bfloat16 with channels_last (weights stay fp32);
+    # about 2.5x faster on CPUs with AVX512-BF16.
+    precision: str = "fp32"
 
     @classmethod
-    def preset(cls, name: str) -> "ClassifierRecipe":
+    def preset(cls, name: str) -> ClassifierRecipe:
         if name == "small":
             return cls()
         if name == "paper":  # CIFAR-10 ResNet-18
             return cls(arch="resnet18", epochs=200, batch_size=128, lr=0.1, crop_padding=4)
         if name == "tiny":
             return cls(epochs=1, batch_size=16)
-        raise ValueError(f"unknown classifier preset {name!r}; choose small, paper or tiny")
+        raise InputError(f"unknown classifier preset {name!r}; choose small, paper or tiny")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,6 +71,51 @@ def augment(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> to
     return x
 
 
+def _setup(in_channels: int, num_classes: int, recipe: ClassifierRecipe):
+    if recipe.precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown classifier precision {recipe.precision!r}; choose fp32 or bf16")
+    torch.manual_seed(recipe.seed)
+    model = build_classifier(recipe.arch, in_channels, num_classes)
+    if recipe.precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay, nesterov=True)
+    return model, opt
+
+
+def total_steps(n: int, recipe: ClassifierRecipe) -> int:
+    return recipe.epochs * max(n // recipe.batch_size, 1)
+
+
+def _fit(model, opt, images, labels, recipe: ClassifierRecipe, start: int, stop: int, bar: Progress,
+         after_step: Callable[[int, float], None] | None = None) -> None:
+    """Steps `start` .. `stop`; every step's batch and augmentation are keyed by its index."""
+    bf16 = recipe.precision == "bf16"
+    total = total_steps(len(images), recipe)
+    model.train()
+    running = None
+    for step in range(start, stop):
+        g = step_generator(recipe.seed, step)
+        idx = batch_indices(len(images), recipe.batch_size, step, recipe.seed)
+        x = augment(images[idx], recipe.crop_padding, recipe.flip, g)
+        set_lr(opt, cosine_with_warmup(step, total, min(50, total // 10), recipe.lr))
+        if bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), labels[idx])
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"classifier loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        bar.update(step, loss=running)
+        if after_step is not None:
+            after_step(step, running)
+    bar.close()
+    model.eval()
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -67,35 +126,65 @@ def train_classifier(
     desc: str = "train classifier",
 ) -> nn.Module:
     """Train a classifier on model-space images (float32 NCHW in [-1, 1]); returns it in eval mode."""
-    torch.manual_seed(recipe.seed)
-    model = build_classifier(recipe.arch, images.shape[1], num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay, nesterov=True)
-    per_epoch = max(len(images) // recipe.batch_size, 1)
-    total = recipe.epochs * per_epoch
-    bar = Progress(total, 0, desc, recipe.batch_size, progress)
-    model.train()
-    running = None
-    for step in range(total):
-        g = step_generator(recipe.seed, step)
-        idx = batch_indices(len(images), recipe.batch_size, step, recipe.seed)
-        x = augment(images[idx], recipe.crop_padding, recipe.flip, g)
-        set_lr(opt, cosine_with_warmup(step, total, min(50, total // 10), recipe.lr))
-        loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        bar.update(step, loss=running)
-    bar.close()
-    return model.eval()
+    model, opt = _setup(images.shape[1], num_classes, recipe)
+    total = total_steps(len(images), recipe)
+    _fit(model, opt, images, labels, recipe, 0, total, Progress(total, 0, desc, recipe.batch_size, progress))
+    return model
+
+
+def train_classifier_run(
+    data: TrainingData,
+    run_dir: str | Path,
+    recipe: ClassifierRecipe,
+    *,
+    num_classes: int | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    progress: bool = True,
+    max_steps_this_call: int | None = None,
+) -> dict:
+    """Train (or continue) a classifier into a run folder that is also a loadable checkpoint."""
+    run_dir = Path(run_dir)
+    if data.labels is None:
+        raise InputError(f"{data.source}: classifier training needs labels, and this dataset has none")
+    num_classes = num_classes or int(data.labels.max()) + 1
+    if num_classes < 2:
+        raise InputError(f"{data.source}: classifier training needs at least 2 classes")
+    model, opt = _setup(data.images.shape[1], num_classes, recipe)
+    start, history, _ = open_run(run_dir, resume=resume, model=model, optimizer=opt, recipe=recipe.to_dict(),
+                                 data=data)
+    total = total_steps(len(data), recipe)
+    stop = total if max_steps_this_call is None else min(total, start + max_steps_this_call)
+
+    def save(step: int) -> None:
+        info = {"kind": "classifier", "recipe": recipe.to_dict(), "data_fingerprint": data.fingerprint,
+                "data_source": data.source, "history": history}
+        save_training_state(run_dir, model=model, optimizer=opt, step=step, info=info)
+
+    def after_step(step: int, running: float) -> None:
+        if (step + 1) % 50 == 0:
+            history.append({"step": step + 1, "loss": round(running, 6)})
+        if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
+            save(step + 1)
+
+    bar = Progress(total, start, "train classifier", recipe.batch_size, progress)
+    _fit(model, opt, data.images, data.labels, recipe, start, stop, bar, after_step)
+    return {"step": stop, "history": history, "run_dir": str(run_dir)}
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512, precision: str = "fp32") -> torch.Tensor:
     model.eval()
-    return torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, len(images), batch_size)])
+    bf16 = precision == "bf16"
+    preds = []
+    for s in range(0, len(images), batch_size):
+        x = images[s : s + batch_size]
+        if bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            preds.append(model(x).float().argmax(1))
+    return torch.cat(preds)
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((predict(model, images) == labels).float().mean())
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32") -> float:
+    return float((predict(model, images, precision=precision) == labels).float().mean())

@@ -57,7 +57,7 @@ class DDPMRecipe:
     unet: dict = field(default_factory=lambda: small_unet().to_dict())
 
     @classmethod
-    def preset(cls, name: str, in_channels: int = 1, sample_size: int = 28) -> "DDPMRecipe":
+    def preset(cls, name: str, in_channels: int = 1, sample_size: int = 28) -> DDPMRecipe:
         if name == "small":
             return cls(unet=small_unet(in_channels, sample_size).to_dict())
         if name == "tiny":

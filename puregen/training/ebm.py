@@ -41,7 +41,7 @@ class EBMRecipe:
     seed: int = 0
 
     @classmethod
-    def preset(cls, name: str, in_channels: int = 1) -> "EBMRecipe":
+    def preset(cls, name: str, in_channels: int = 1) -> EBMRecipe:
         if name == "small":
             return cls(in_channels=in_channels)
         if name == "tiny":
