@@ -152,11 +152,12 @@ def _cmd_checkpoint_init(args) -> int:
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train an EBM or a DDPM (resumable; the run folder is a checkpoint)",
-        description="Train a generative model on a dataset. The run folder holds config.json + model.safetensors "
-        "(loadable with --ebm/--ddpm) and the training state; --resume continues exactly where it stopped.",
+        help="train an EBM, a DDPM or a classifier (resumable; the run folder is a checkpoint)",
+        description="Train a model on a dataset. The run folder holds config.json + model.safetensors "
+        "(an EBM or DDPM loads with --ebm/--ddpm) and the training state; --resume continues exactly where it "
+        "stopped. Classifiers (small CNN or CIFAR ResNet-18) need labelled data.",
     )
-    p.add_argument("kind", choices=("ebm", "ddpm"))
+    p.add_argument("kind", choices=("ebm", "ddpm", "classifier"))
     p.add_argument("data", help="training dataset (any format `puregen purify` reads)")
     p.add_argument("-o", "--output", required=True, help="run folder (checkpoint) to write")
     p.add_argument("--preset", default="small", choices=("small", "tiny", "paper"),
@@ -165,6 +166,8 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--langevin-steps", type=int, help="EBM: Langevin steps per update")
+    p.add_argument("--epochs", type=int, help="classifier: epochs (default: the preset's)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="classifier: bf16 autocast + channels_last")
     p.add_argument("--limit", type=int, help="use the first N training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
@@ -172,6 +175,10 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+
+# The recipe options that only some kinds of training have.
+TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps"}, "ddpm": {"steps"}, "classifier": {"epochs", "precision"}}
 
 
 def _cmd_train(args) -> int:
@@ -183,23 +190,81 @@ def _cmd_train(args) -> int:
     pin_threads(args.threads)
     data = load_training_data(args.data, limit=args.limit)
     channels = data.images.shape[1]
+    changes = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    specific = {"steps": args.steps, "langevin_steps": args.langevin_steps, "epochs": args.epochs,
+                "precision": args.precision}
+    for name, value in specific.items():
+        if value is None:
+            continue
+        if name not in TRAIN_OPTIONS[args.kind]:
+            raise InputError(f"--{name.replace('_', '-')} does not apply to {args.kind} training")
+        changes[name] = value
     if args.kind == "ebm":
-        from .training.ebm import EBMRecipe as Recipe, train_ebm as train
+        from .training.ebm import EBMRecipe, train_ebm
 
-        recipe = Recipe.preset(args.preset, in_channels=channels)
+        recipe, train = EBMRecipe.preset(args.preset, in_channels=channels), train_ebm
+    elif args.kind == "ddpm":
+        from .training.ddpm import DDPMRecipe, train_ddpm
+
+        recipe = DDPMRecipe.preset(args.preset, in_channels=channels, sample_size=data.images.shape[-1])
+        train = train_ddpm
     else:
-        from .training.ddpm import DDPMRecipe as Recipe, train_ddpm as train
+        from .training.classifier import ClassifierRecipe, train_classifier_run
 
-        recipe = Recipe.preset(args.preset, in_channels=channels, sample_size=data.images.shape[-1])
-    changes = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    if args.kind == "ebm":
-        changes["langevin_steps"] = args.langevin_steps
-    elif args.langevin_steps is not None:
-        raise InputError("--langevin-steps applies to EBM training only")
+        recipe, train = ClassifierRecipe.preset(args.preset), train_classifier_run
     recipe = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
     result = train(data, args.output, recipe, resume=args.resume, checkpoint_every=args.checkpoint_every,
                    progress=not args.no_progress)
     print(f"trained {args.kind} to step {result['step']}; checkpoint in {result['run_dir']}")
+    return EXIT_OK
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="poison Fashion-MNIST, purify with the shipped EBM and DDPM, train, print the defense table",
+        description="The end-to-end demo on real data: a Fashion-MNIST training subset gets the shipped "
+        "clean-label trigger on 1%% of its images, is purified with the shipped EBM and DDPM, and a small CNN "
+        "is trained on the raw and each purified set per seed. Prints poison success and natural accuracy; "
+        "writes results.json, results.md and examples.png to --out.",
+    )
+    p.add_argument("--data", help="folder with the Fashion-MNIST IDX files "
+                   "(default: $PUREGEN_FASHION_MNIST or ../shared/data/fashion-mnist)")
+    p.add_argument("-o", "--out", default="runs/demo", help="folder for the report (default: runs/demo)")
+    p.add_argument("--subset", type=int, help="training images, 10%% per class (default 1000)")
+    p.add_argument("--seeds", type=int, help="classifier seeds (default 3)")
+    p.add_argument("--epochs", type=int, help="classifier epochs (default: the demo's)")
+    p.add_argument("--trigger", help="a shipped trigger's name or a trigger folder")
+    p.add_argument("--amplify", type=float, help="test-time trigger multiplier (default 3, as Narcissus)")
+    p.add_argument("--ebm-steps", type=int, help="EBM Langevin steps (default 150, the published value)")
+    p.add_argument("--t-star", type=int, help="DDPM diffusion depth (default 75, the published value)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .evaluation.datasets import default_fashion_mnist_root
+    from .evaluation.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(data=Path(args.data) if args.data else default_fashion_mnist_root(), out=Path(args.out),
+                     threads=args.threads, progress=not args.no_progress)
+    changes = {"subset": args.subset, "trigger": args.trigger, "amplify": args.amplify,
+               "ebm_steps": args.ebm_steps, "ddpm_t_star": args.t_star}
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {args.seeds}")
+        changes["seeds"] = tuple(range(args.seeds))
+    if args.epochs is not None:
+        changes["classifier"] = dataclasses.replace(cfg.classifier, epochs=args.epochs)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    run_demo(cfg)
+    print()
+    print((cfg.out / "results.md").read_text(), end="")
+    print(f"report: {cfg.out / 'results.md'}, {cfg.out / 'results.json'}, {cfg.out / 'examples.png'}")
     return EXIT_OK
 
 
@@ -213,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_checkpoint(sub)
     _add_train(sub)
+    _add_demo(sub)
     return parser
 
 

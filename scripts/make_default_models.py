@@ -20,25 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from puregen.api import load_purifier
 from puregen.data import from_model_space, read_dataset, to_model_space
+from puregen.evaluation.figures import image_grid
 from puregen.models.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_model
 from puregen.training.acceptance import ddpm_denoising_ratio, ebm_energy_gap
 from puregen.training.classifier import ClassifierRecipe, accuracy, train_classifier
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def grid(images_u8: np.ndarray, rows: int) -> Image.Image:
-    n, h, w, c = images_u8.shape
-    cols = -(-n // rows)
-    canvas = np.full((rows * (h + 2), cols * (w + 2), c), 255, np.uint8)
-    for i, img in enumerate(images_u8):
-        r, k = divmod(i, cols)
-        canvas[r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = img
-    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
 def main(argv=None) -> int:
@@ -63,7 +53,7 @@ def main(argv=None) -> int:
     gap = ebm_energy_gap(ebm, held[:256])
     samples = gap.pop("samples")
     report["ebm_energy_gap"] = gap
-    grid(from_model_space(samples[:64]).numpy(), 8).save(REPO / "docs" / "ebm-short-run-samples.png")
+    image_grid(from_model_space(samples[:64]).numpy(), 8).save(REPO / "docs" / "ebm-short-run-samples.png")
 
     report["ddpm_t75"] = ddpm_denoising_ratio(unet, held)
 
@@ -84,7 +74,7 @@ def main(argv=None) -> int:
         "accuracy_ddpm_purified_t75_first_256": acc_ddpm,
     }
     rows = np.concatenate([held_u8[:16], purified[:16], denoised[:16]])
-    grid(rows, 3).save(REPO / "docs" / "purification-examples.png")
+    image_grid(rows, 3).save(REPO / "docs" / "purification-examples.png")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (REPO / "docs" / "default-models.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

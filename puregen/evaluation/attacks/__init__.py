@@ -1,0 +1,1 @@
+"""Poison attacks, each written from its paper."""

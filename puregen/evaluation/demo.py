@@ -1,0 +1,183 @@
+"""`puregen demo`: poison a Fashion-MNIST subset, purify it, train, and print the defense table.
+
+A class-balanced subset of the real Fashion-MNIST training set gets the
+shipped clean-label trigger added to 1% of its images (10% of the target
+class; labels unchanged). The subset is purified with the shipped EBM and
+DDPM at their published settings, a small CNN is trained on the raw and on
+each purified set for every seed, and poison success and natural accuracy
+are measured on the real test set.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..data.atomic import atomic_write_file
+from ..engine.factory import load_purifier, pin_threads
+from ..errors import InputError
+from ..training.classifier import ClassifierRecipe
+from .datasets import FASHION_MNIST_CLASSES, balanced_subset, load_fashion_mnist
+from .figures import image_grid
+from .harness import (
+    EvalSet,
+    Summary,
+    evaluate_defenses,
+    markdown_table,
+    purify_images,
+    summarize,
+)
+from .poison import PoisonedSet, clean_label_poison, contribute_poisons
+from .triggers import Trigger, load_trigger, shipped_trigger
+
+DEMO_TRIGGER = "fashion-mnist-narcissus-16"
+DEFENSES = ("ebm", "ddpm")
+VICTIM_ROWS = 50_000  # the victim samples from these training rows, the attacker owns the rest
+
+
+@dataclass
+class DemoConfig:
+    data: Path
+    out: Path
+    subset: int = 1000  # training images, 10% per class
+    poison_fraction: float = 0.01  # of the subset; all in the target class
+    seeds: tuple[int, ...] = (0, 1, 2)
+    trigger: str = DEMO_TRIGGER  # a shipped trigger's name or a trigger folder
+    amplify: float = 3.0  # test-time multiplier of the trigger (Narcissus uses 3)
+    purify_seed: int = 0
+    ebm_steps: int = 150  # the published Langevin steps
+    ddpm_t_star: int = 75  # the published diffusion depth
+    micro_batch: int = 64
+    threads: int | None = 2
+    # Fashion-MNIST is usually trained without augmentation; 50 epochs on 1,000 images fit the training set.
+    classifier: ClassifierRecipe = field(default_factory=lambda: ClassifierRecipe(
+        epochs=50, crop_padding=0, flip=False, weight_decay=0.0, precision="bf16"))
+    progress: bool = True
+
+    @property
+    def poison_count(self) -> int:
+        return round(self.subset * self.poison_fraction)
+
+
+# Pass criteria of the demo (percentage points).
+MAX_DEFENDED_SUCCESS, MIN_UNDEFENDED_SUCCESS, MAX_ACCURACY_DROP = 10.0, 60.0, 3.0
+
+
+def verdict(rows: list[Summary]) -> dict[str, bool]:
+    by = {r.defense: r for r in rows}
+    none = by["none"]
+    checks = {"no defense: poison success >= 60%": none.success_mean >= MIN_UNDEFENDED_SUCCESS}
+    for name in DEFENSES:
+        if name in by:
+            checks[f"{name}: poison success <= 10%"] = by[name].success_mean <= MAX_DEFENDED_SUCCESS
+            checks[f"{name}: natural-accuracy drop <= 3 points"] = (
+                none.natural_mean - by[name].natural_mean <= MAX_ACCURACY_DROP)
+    return checks
+
+
+def _contributed_images(trigger: Trigger, images: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray | None:
+    """The attacker's chosen images named in the trigger's description, or None if it names none."""
+    listed = trigger.meta.get("contributed", {}).get("indices")
+    if not listed:
+        return None
+    rows = np.asarray(listed[:count], dtype=np.int64)
+    if len(rows) < count:
+        raise InputError(f"the trigger lists {len(listed)} contributed images, the demo needs {count}")
+    if rows.min() < VICTIM_ROWS or rows.max() >= len(images) or (labels[rows] != trigger.target).any():
+        raise InputError("the trigger's contributed images must be target-class rows after the victim's range")
+    return images[rows]
+
+
+def _resolve_trigger(name: str) -> Trigger:
+    return load_trigger(name) if Path(name).is_dir() else shipped_trigger(name)
+
+
+def _examples_png(path: Path, poisoned: PoisonedSet, sets: dict[str, np.ndarray], trigger: Trigger,
+                  count: int = 8) -> None:
+    """Rows: the trigger (stretched to be visible), the poisons before the trigger, then each training
+    set's version of them: poisoned (no defense), then each purified one."""
+    rows_idx = poisoned.poison_indices[:count]
+    stretched = np.rint((0.5 + trigger.delta / (2 * trigger.epsilon)) * 255).clip(0, 255).astype(np.uint8)
+    rows = [np.repeat(stretched[None], len(rows_idx), 0), poisoned.originals[:count]]
+    rows += [imgs[rows_idx] for imgs in sets.values()]
+    with atomic_write_file(path) as f:
+        image_grid(np.concatenate(rows), len(rows), scale=3).save(f, format="PNG")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    t_start = time.perf_counter()
+    threads = pin_threads(cfg.threads)
+    trigger = _resolve_trigger(cfg.trigger)
+    train, test = load_fashion_mnist(cfg.data, "train"), load_fashion_mnist(cfg.data, "test")
+    if trigger.delta.shape != train.images.shape[1:]:
+        raise InputError(f"trigger {cfg.trigger!r} has shape {trigger.delta.shape}, the data {train.images.shape[1:]}")
+    if cfg.subset % 10 or cfg.poison_count < 1:
+        raise InputError(f"--subset must be a positive multiple of 10 with at least one poison, got {cfg.subset}")
+    # The victim's subset comes from the first 50,000 training images; the attacker's images (the
+    # trigger's crafting data and the images it contributes) from the last 10,000.
+    subset = balanced_subset(train.labels[:VICTIM_ROWS], cfg.subset // 10, seed=0)
+    clean, labels = train.images[subset], train.labels[subset]
+    contributed = _contributed_images(trigger, train.images, train.labels, cfg.poison_count)
+    if contributed is None:
+        poisoned = clean_label_poison(clean, labels, trigger, cfg.poison_count, seed=0)
+    else:
+        poisoned = contribute_poisons(clean, labels, trigger, contributed, seed=0)
+
+    sets = {"none": poisoned.images}
+    timings = {}
+    overrides = {"ebm": {"steps": cfg.ebm_steps}, "ddpm": {"t_star": cfg.ddpm_t_star}}
+    for method in DEFENSES:
+        purifier = load_purifier(method, micro_batch=cfg.micro_batch, threads=threads, **overrides[method])
+        t0 = time.perf_counter()
+        sets[method] = purify_images(purifier, poisoned.images, seed=cfg.purify_seed, batch_size=cfg.micro_batch,
+                                     progress=cfg.progress, desc=f"purify [{method}]")
+        timings[f"purify_{method}_seconds"] = round(time.perf_counter() - t0, 1)
+
+    test_set = EvalSet.build(test.images, test.labels, trigger, cfg.amplify)
+    t0 = time.perf_counter()
+    measurements = evaluate_defenses(sets, labels, test_set, list(cfg.seeds), cfg.classifier, progress=cfg.progress)
+    timings["train_and_measure_seconds"] = round(time.perf_counter() - t0, 1)
+    rows = summarize(measurements)
+    checks = verdict(rows)
+    timings["total_seconds"] = round(time.perf_counter() - t_start, 1)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    _examples_png(cfg.out / "examples.png", poisoned, sets, trigger)
+    result = {
+        "table": [asdict(r) for r in rows],
+        "measurements": [asdict(m) for m in measurements],
+        "checks": checks,
+        "passed": all(checks.values()),
+        "timings": timings,
+        "setup": {
+            "data": str(cfg.data), "subset": cfg.subset, "poisons": cfg.poison_count,
+            "target": trigger.target, "target_name": FASHION_MNIST_CLASSES[trigger.target],
+            "trigger": cfg.trigger, "trigger_linf": trigger.linf, "epsilon": trigger.epsilon,
+            "amplify": cfg.amplify, "seeds": list(cfg.seeds), "classifier": cfg.classifier.to_dict(),
+            "ebm_steps": cfg.ebm_steps, "ddpm_t_star": cfg.ddpm_t_star, "micro_batch": cfg.micro_batch, "threads": threads, "puregen": __version__,
+            "machine": platform.processor() or platform.machine(),
+        },
+    }
+    with atomic_write_file(cfg.out / "results.json") as f:
+        f.write((json.dumps(result, indent=2) + "\n").encode())
+    with atomic_write_file(cfg.out / "results.md") as f:
+        f.write(report_markdown(result, rows).encode())
+    return result
+
+
+def report_markdown(result: dict, rows: list[Summary]) -> str:
+    s = result["setup"]
+    amplified = "" if s["amplify"] == 1 else f", x{s['amplify']:g} at test time"
+    head = (f"Fashion-MNIST, {s['subset']} training images, {s['poisons']} poisoned "
+            f"({s['target_name']}, class {s['target']}; trigger L-inf {s['trigger_linf'] * 255:.0f}/255"
+            f"{amplified}), "
+            f"{len(s['seeds'])} seeds, small CNN.\n\n")
+    checks = "".join(f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in result["checks"].items())
+    t = result["timings"]
+    return head + markdown_table(rows) + "\n" + checks + f"\nTotal time {t['total_seconds']:.0f} s.\n"

@@ -1,0 +1,124 @@
+"""The harness: purify a (poisoned) training set, train a classifier per defense and seed, measure.
+
+Natural accuracy is measured on the clean test set. Poison success is the
+share of test images *not* of the target class that the model assigns to the
+target class once the trigger (times `amplify`) is added to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data import to_model_space
+from ..engine.purifiers import Purifier
+from ..training.classifier import ClassifierRecipe, predict, train_classifier
+from .triggers import Trigger
+
+
+def purify_images(purifier: Purifier, images_u8: np.ndarray, *, seed: int, batch_size: int = 64,
+                  progress: bool = True, desc: str = "purify") -> np.ndarray:
+    """Purify uint8 NHWC images in batches with a progress bar; row i is keyed by index i."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(images_u8), desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
+    parts = []
+    for start in range(0, len(images_u8), batch_size):
+        batch = images_u8[start : start + batch_size]
+        parts.append(purifier.purify(batch, seed=seed, offset=start, batch_size=batch_size))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(parts)
+
+
+@dataclass
+class Measurement:
+    defense: str
+    seed: int
+    natural_accuracy: float
+    poison_success: float
+    train_seconds: float
+
+
+@dataclass
+class EvalSet:
+    """The clean test images in model space and the triggered non-target ones, built once."""
+
+    clean: torch.Tensor
+    labels: torch.Tensor
+    triggered: torch.Tensor
+    target: int
+
+    @classmethod
+    def build(cls, images_u8: np.ndarray, labels: np.ndarray, trigger: Trigger, amplify: float) -> EvalSet:
+        others = labels != trigger.target
+        return cls(
+            clean=to_model_space(images_u8, "test images"),
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            triggered=to_model_space(trigger.apply(images_u8[others], amplify), "triggered test images"),
+            target=trigger.target,
+        )
+
+
+def measure(model, test: EvalSet, precision: str = "fp32") -> tuple[float, float]:
+    """(natural accuracy, poison success) of a trained classifier, as fractions."""
+    natural = float((predict(model, test.clean, precision=precision) == test.labels).float().mean())
+    success = float((predict(model, test.triggered, precision=precision) == test.target).float().mean())
+    return natural, success
+
+
+def evaluate_defenses(training_sets: dict[str, np.ndarray], labels: np.ndarray, test: EvalSet,
+                      seeds: list[int], recipe: ClassifierRecipe, *, progress: bool = True,
+                      num_classes: int = 10) -> list[Measurement]:
+    """Train one classifier per (defense, seed) on that defense's training set and measure it."""
+    y = torch.from_numpy(labels.astype(np.int64))
+    results = []
+    for name, images in training_sets.items():
+        x = to_model_space(images, f"{name} training set")
+        for seed in seeds:
+            t0 = time.perf_counter()
+            model = train_classifier(x, y, num_classes, dataclasses.replace(recipe, seed=seed),
+                                     progress=progress, desc=f"train [{name}, seed {seed}]")
+            seconds = time.perf_counter() - t0
+            natural, success = measure(model, test, recipe.precision)
+            results.append(Measurement(name, seed, natural, success, seconds))
+    return results
+
+
+@dataclass
+class Summary:
+    defense: str
+    natural_mean: float
+    natural_std: float
+    success_mean: float
+    success_std: float
+    seeds: int
+
+
+def summarize(measurements: list[Measurement]) -> list[Summary]:
+    """Mean and sample standard deviation (in %) over seeds, per defense, in first-seen order."""
+    rows = []
+    for name in dict.fromkeys(m.defense for m in measurements):
+        group = [m for m in measurements if m.defense == name]
+        nat = np.array([m.natural_accuracy for m in group]) * 100
+        suc = np.array([m.poison_success for m in group]) * 100
+        ddof = 1 if len(group) > 1 else 0
+        rows.append(Summary(name, float(nat.mean()), float(nat.std(ddof=ddof)), float(suc.mean()),
+                            float(suc.std(ddof=ddof)), len(group)))
+    return rows
+
+
+def markdown_table(rows: list[Summary]) -> str:
+    lines = ["| defense | poison success % | natural accuracy % | seeds |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.defense} | {r.success_mean:.1f} ± {r.success_std:.1f} | "
+                     f"{r.natural_mean:.1f} ± {r.natural_std:.1f} | {r.seeds} |")
+    return "\n".join(lines) + "\n"

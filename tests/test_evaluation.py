@@ -1,0 +1,247 @@
+"""The evaluation harness: triggers, clean-label poisoning, Narcissus, measurements and the demo."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from puregen.errors import InputError
+from puregen.evaluation.attacks.narcissus import (
+    NarcissusRecipe,
+    craft_narcissus,
+    optimise_trigger,
+)
+from puregen.evaluation.datasets import balanced_subset
+from puregen.evaluation.harness import (
+    EvalSet,
+    Measurement,
+    markdown_table,
+    measure,
+    summarize,
+)
+from puregen.evaluation.poison import clean_label_poison, contribute_poisons
+from puregen.evaluation.triggers import Trigger, load_trigger
+from puregen.training.classifier import ClassifierRecipe, train_classifier
+
+from .conftest import FASHION_MNIST, REPO, smooth_images
+
+EPS = 16 / 255
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "puregen.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, check=False)
+
+
+def random_trigger(shape=(28, 28, 1), target=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return Trigger(rng.uniform(-EPS, EPS, shape).astype(np.float32), EPS, target)
+
+
+def test_trigger_over_budget_or_nan_is_refused():
+    with pytest.raises(InputError, match="exceeds its budget"):
+        Trigger(np.full((4, 4, 1), EPS * 1.01, np.float32), EPS, 0)
+    bad = np.zeros((4, 4, 1), np.float32)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        Trigger(bad, EPS, 0)
+
+
+def test_trigger_apply_adds_clips_and_rounds():
+    trig = random_trigger()
+    images = smooth_images(5)
+    images[0] = 0
+    images[1] = 255
+    out = trig.apply(images)
+    expected = np.rint(np.clip(images / 255.0 + trig.delta, 0, 1) * 255)
+    assert out.dtype == np.uint8
+    assert np.abs(out.astype(int) - expected).max() <= 1  # float32 vs float64 rounding at .5 ties
+    # After rounding, the change is at most the budget (16 levels) plus half a level.
+    assert np.abs(out.astype(int) - images.astype(int)).max() <= 16
+    amplified = trig.apply(images, amplify=3)
+    assert np.abs(amplified.astype(int) - images.astype(int)).max() > 16
+    with pytest.raises(InputError, match="cannot be added"):
+        trig.apply(smooth_images(2, 32, 32, 3))
+
+
+def test_trigger_round_trip_and_corrupt_files(tmp_path):
+    trig = random_trigger()
+    trig.meta["attack"] = "test"
+    trig.save(tmp_path / "t")
+    back = load_trigger(tmp_path / "t")
+    assert np.array_equal(back.delta, trig.delta) and back.target == 3 and back.meta["attack"] == "test"
+    (tmp_path / "t" / "trigger.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(InputError, match="trigger.npy"):
+        load_trigger(tmp_path / "t")
+    with pytest.raises(InputError, match="missing"):
+        load_trigger(tmp_path / "nowhere")
+    big = Trigger(np.full((28, 28, 1), EPS, np.float32), EPS, 0)
+    big.save(tmp_path / "big")
+    meta = json.loads((tmp_path / "big" / "trigger.json").read_text())
+    meta["epsilon"] = 8 / 255  # the JSON now claims a smaller budget than the array holds
+    (tmp_path / "big" / "trigger.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="exceeds its budget"):
+        load_trigger(tmp_path / "big")
+
+
+def test_clean_label_poison_touches_only_chosen_target_images():
+    images = smooth_images(100)
+    labels = np.arange(100) % 10
+    trig = random_trigger(target=4)
+    p = clean_label_poison(images, labels, trig, 3, seed=1)
+    assert len(p.poison_indices) == 3 and (labels[p.poison_indices] == 4).all()
+    assert np.array_equal(p.labels, labels)  # clean-label: no label changes
+    untouched = np.setdiff1d(np.arange(100), p.poison_indices)
+    assert np.array_equal(p.images[untouched], images[untouched])
+    assert np.array_equal(p.images[p.poison_indices], trig.apply(images[p.poison_indices]))
+    assert np.array_equal(p.originals, images[p.poison_indices])
+    again = clean_label_poison(images, labels, trig, 3, seed=1)
+    assert np.array_equal(again.poison_indices, p.poison_indices)
+    with pytest.raises(InputError, match="cannot poison 11"):
+        clean_label_poison(images, labels, trig, 11, seed=0)
+
+
+def test_contributed_poisons_replace_target_rows_and_keep_labels():
+    images, labels = smooth_images(100), np.arange(100) % 10
+    own = smooth_images(4, seed=9)
+    trig = random_trigger(target=4)
+    p = contribute_poisons(images, labels, trig, own, seed=0)
+    assert (labels[p.poison_indices] == 4).all() and np.array_equal(p.labels, labels)
+    assert np.array_equal(p.images[p.poison_indices], trig.apply(own)) and np.array_equal(p.originals, own)
+    untouched = np.setdiff1d(np.arange(100), p.poison_indices)
+    assert np.array_equal(p.images[untouched], images[untouched])
+    with pytest.raises(InputError, match="cannot place 11"):
+        contribute_poisons(images, labels, trig, smooth_images(11), seed=0)
+
+
+def test_balanced_subset_has_equal_classes():
+    labels = np.random.default_rng(0).integers(0, 10, 2000)
+    idx = balanced_subset(labels, 20, seed=0)
+    assert np.array_equal(np.bincount(labels[idx], minlength=10), np.full(10, 20))
+    assert len(np.unique(idx)) == 200
+    with pytest.raises(InputError, match="fewer than"):
+        balanced_subset(labels, 1000, seed=0)
+
+
+def _two_blob_problem(n=120, size=12, seed=0):
+    """Class 0 bright on the left, class 1 bright on the right, class 2 (the 'target') bright at the top."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    x = torch.randn(n, 1, size, size, generator=g) * 0.2 - 0.5
+    x[labels == 0, :, :, : size // 2] += 1
+    x[labels == 1, :, :, size // 2 :] += 1
+    x[labels == 2, :, : size // 2] += 1
+    return x.clamp(-1, 1), labels
+
+
+def test_narcissus_trigger_stays_in_budget_and_lowers_the_target_loss():
+    x, y = _two_blob_problem()
+    recipe = NarcissusRecipe(epsilon=EPS, surrogate_epochs=3, trigger_steps=30, batch_size=16)
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pood, pood_y, target = u8[y.numpy() != 2], y.numpy()[y.numpy() != 2], u8[y.numpy() == 2]
+    trig = craft_narcissus(pood, pood_y, target, target=7, recipe=recipe, progress=False)
+    assert trig.linf <= EPS + 1e-6 and trig.linf > 0.5 * EPS
+    assert trig.target == 7 and trig.meta["attack"] == "narcissus"
+    # Defining property: on a fixed surrogate the optimised trigger lowers the target-class loss.
+    surrogate = train_classifier(x, torch.where(y == 2, 2, y), 3,
+                                 ClassifierRecipe(epochs=3, batch_size=16, flip=False), progress=False)
+    targets = x[y == 2]
+    delta = optimise_trigger(surrogate, targets, 2, recipe, progress=False)
+    assert delta.abs().max() <= 2 * EPS + 1e-6
+    loss = torch.nn.functional.cross_entropy
+    lbl = torch.full((len(targets),), 2)
+    with torch.no_grad():
+        assert loss(surrogate((targets + delta).clamp(-1, 1)), lbl) < loss(surrogate(targets), lbl)
+
+
+def test_summary_statistics_and_table():
+    ms = [Measurement("none", s, a, b, 1.0) for s, a, b in ((0, 0.80, 0.70), (1, 0.82, 0.90))]
+    ms.append(Measurement("ebm", 0, 0.79, 0.02, 1.0))
+    rows = summarize(ms)
+    assert [r.defense for r in rows] == ["none", "ebm"]
+    assert rows[0].natural_mean == pytest.approx(81.0) and rows[0].success_mean == pytest.approx(80.0)
+    assert rows[0].success_std == pytest.approx(np.std([70, 90], ddof=1))
+    assert rows[1].success_std == 0.0 and rows[1].seeds == 1
+    table = markdown_table(rows)
+    assert "| none | 80.0 ± 14.1 | 81.0 ± 1.4 | 2 |" in table
+
+
+def test_measure_counts_only_non_target_images_as_poison_targets():
+    class Constant(torch.nn.Module):  # predicts class 1 for everything
+        def forward(self, x):
+            out = torch.zeros(len(x), 10)
+            out[:, 1] = 1
+            return out
+
+    images, labels = smooth_images(20), np.arange(20) % 10
+    test = EvalSet.build(images, labels, random_trigger(target=1), amplify=1)
+    assert test.triggered.shape[0] == 18  # the two class-1 images are left out
+    natural, success = measure(Constant(), test)
+    assert natural == pytest.approx(0.1) and success == 1.0
+
+
+def test_bf16_classifier_training_matches_fp32_for_a_few_steps():
+    x, y = _two_blob_problem(n=64)
+    base = ClassifierRecipe(epochs=1, batch_size=16, flip=False, seed=0)
+    fp32 = train_classifier(x, y, 3, base, progress=False)
+    bf16 = train_classifier(x, y, 3, dataclasses.replace(base, precision="bf16"), progress=False)
+    with torch.no_grad():
+        a, b = fp32(x), bf16(x)
+    # 4 SGD steps with bf16 activations (8-bit mantissa) drift a little from fp32; logits agree to ~5%.
+    assert (a - b).abs().max() <= 0.05 * a.abs().max() + 0.05
+    with pytest.raises(ValueError, match="precision"):
+        train_classifier(x, y, 3, dataclasses.replace(base, precision="fp8"), progress=False)
+
+
+def test_digits_are_upsampled_to_fashion_mnist_size():
+    pytest.importorskip("sklearn")
+    from puregen.evaluation.datasets import digits_as_images
+
+    ds = digits_as_images(28)
+    assert ds.images.shape == (1797, 28, 28, 1) and ds.images.dtype == np.uint8
+    assert set(np.unique(ds.labels)) == set(range(10))
+    assert ds.images.max() == 255 and ds.images[:, 0, 0].max() < 64  # bright strokes on a dark border
+
+
+def test_shipped_demo_trigger_is_within_budget_and_clean_label():
+    from puregen.evaluation.datasets import load_fashion_mnist
+    from puregen.evaluation.demo import DEMO_TRIGGER, VICTIM_ROWS
+    from puregen.evaluation.triggers import shipped_trigger
+
+    trig = shipped_trigger(DEMO_TRIGGER)
+    assert trig.epsilon == pytest.approx(16 / 255) and trig.linf <= 16 / 255 + 1e-6
+    assert trig.delta.shape == (28, 28, 1) and trig.meta["attack"] == "narcissus"
+    rows = np.array(trig.meta["contributed"]["indices"])
+    assert len(rows) >= 10 and rows.min() >= VICTIM_ROWS and len(np.unique(rows)) == len(rows)
+    if (FASHION_MNIST / "train-labels-idx1-ubyte.gz").exists():
+        labels = load_fashion_mnist(FASHION_MNIST, "train").labels
+        assert (labels[rows] == trig.target).all()  # the attacker contributes true target-class images
+    with pytest.raises(InputError, match="no shipped trigger"):
+        shipped_trigger("nope")
+
+
+def test_demo_end_to_end_on_real_data_with_few_steps(tmp_path):
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}")
+    out = tmp_path / "demo"
+    r = cli("demo", "--data", FASHION_MNIST, "-o", out, "--subset", 100, "--seeds", 2, "--epochs", 1,
+            "--ebm-steps", 2, "--t-star", 2, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert [row["defense"] for row in result["table"]] == ["none", "ebm", "ddpm"]
+    assert len(result["measurements"]) == 6 and result["setup"]["poisons"] == 1
+    assert all(0 <= m["natural_accuracy"] <= 1 and 0 <= m["poison_success"] <= 1 for m in result["measurements"])
+    assert set(result["checks"]) >= {"no defense: poison success >= 60%", "ebm: poison success <= 10%"}
+    assert "| none |" in r.stdout and (out / "results.md").read_text() in r.stdout
+    assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_with_missing_data_exits_2_naming_the_file(tmp_path):
+    r = cli("demo", "--data", tmp_path / "nowhere", "-o", tmp_path / "out", "--no-progress")
+    assert r.returncode == 2
+    assert "nowhere" in r.stderr and "Fashion-MNIST" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
