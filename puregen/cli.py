@@ -167,7 +167,8 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--langevin-steps", type=int, help="EBM: Langevin steps per update")
     p.add_argument("--epochs", type=int, help="classifier: epochs (default: the preset's)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="classifier: bf16 autocast + channels_last")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32)")
     p.add_argument("--limit", type=int, help="use the first N training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
@@ -178,7 +179,8 @@ def _add_train(sub) -> None:
 
 
 # The recipe options that only some kinds of training have.
-TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps"}, "ddpm": {"steps"}, "classifier": {"epochs", "precision"}}
+TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "precision"}, "ddpm": {"steps", "precision"},
+                 "classifier": {"epochs", "precision"}}
 
 
 def _cmd_train(args) -> int:

@@ -17,7 +17,9 @@ from ..models.classifiers import build_classifier
 from .loop import (
     Progress,
     TrainingData,
+    autocast,
     batch_indices,
+    check_precision,
     cosine_with_warmup,
     open_run,
     set_lr,
@@ -72,8 +74,7 @@ def augment(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> to
 
 
 def _setup(in_channels: int, num_classes: int, recipe: ClassifierRecipe):
-    if recipe.precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown classifier precision {recipe.precision!r}; choose fp32 or bf16")
+    check_precision(recipe.precision)
     torch.manual_seed(recipe.seed)
     model = build_classifier(recipe.arch, in_channels, num_classes)
     if recipe.precision == "bf16":
@@ -101,7 +102,7 @@ def _fit(model, opt, images, labels, recipe: ClassifierRecipe, start: int, stop:
         set_lr(opt, cosine_with_warmup(step, total, min(50, total // 10), recipe.lr))
         if bf16:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(recipe.precision):
             loss = F.cross_entropy(model(x).float(), labels[idx])
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"classifier loss became {loss.item()} at step {step}; lower the learning rate")
@@ -181,7 +182,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512, preci
         x = images[s : s + batch_size]
         if bf16:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision):
             preds.append(model(x).float().argmax(1))
     return torch.cat(preds)
 

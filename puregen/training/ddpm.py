@@ -23,7 +23,9 @@ from ..models.unet import UNet2D, UNetConfig
 from .loop import (
     Progress,
     TrainingData,
+    autocast,
     batch_indices,
+    check_precision,
     cosine_with_warmup,
     ema_update,
     open_run,
@@ -54,6 +56,7 @@ class DDPMRecipe:
     t_train: int = 250
     grad_clip: float = 1.0
     seed: int = 0
+    precision: str = "fp32"  # "bf16": autocast the UNet; the loss is taken in fp32
     unet: dict = field(default_factory=lambda: small_unet().to_dict())
 
     @classmethod
@@ -71,12 +74,15 @@ class DDPMRecipe:
         return dataclasses.asdict(self)
 
 
-def ddpm_loss(unet: UNet2D, x0: torch.Tensor, schedule: DDPMSchedule, t_train: int, g: torch.Generator) -> torch.Tensor:
+def ddpm_loss(unet: UNet2D, x0: torch.Tensor, schedule: DDPMSchedule, t_train: int, g: torch.Generator,
+              precision: str = "fp32") -> torch.Tensor:
     t = torch.randint(0, t_train, (x0.shape[0],), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    return F.mse_loss(unet(x_t, t), noise)
+    with autocast(precision):
+        predicted = unet(x_t, t)
+    return F.mse_loss(predicted.float(), noise)
 
 
 def train_ddpm(
@@ -91,6 +97,7 @@ def train_ddpm(
 ) -> dict:
     """Train (or continue training) a DDPM; returns the final info. The run folder is a checkpoint."""
     run_dir = Path(run_dir)
+    check_precision(recipe.precision)
     cfg = UNetConfig.from_dict(recipe.unet)
     if data.images.shape[1] != cfg.in_channels:
         raise InputError(f"{data.source}: images have {data.images.shape[1]} channels, the UNet expects {cfg.in_channels}")
@@ -118,7 +125,7 @@ def train_ddpm(
         g = step_generator(recipe.seed, step)
         x0 = data.images[batch_indices(len(data), recipe.batch_size, step, recipe.seed)]
         set_lr(opt, cosine_with_warmup(step, recipe.steps, recipe.warmup, recipe.lr))
-        loss = ddpm_loss(unet, x0, schedule, recipe.t_train, g)
+        loss = ddpm_loss(unet, x0, schedule, recipe.t_train, g, recipe.precision)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"DDPM loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)

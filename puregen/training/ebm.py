@@ -19,7 +19,15 @@ import torch
 
 from ..errors import InputError
 from ..models.ebm import EBM, EBMConfig
-from .loop import Progress, TrainingData, batch_indices, open_run, set_lr
+from .loop import (
+    Progress,
+    TrainingData,
+    autocast,
+    batch_indices,
+    check_precision,
+    open_run,
+    set_lr,
+)
 from .state import save_training_state, step_generator
 
 
@@ -39,6 +47,7 @@ class EBMRecipe:
     nf: int = 32
     in_channels: int = 1
     seed: int = 0
+    precision: str = "fp32"  # "bf16": autocast the network; samples, bank and update stay fp32
 
     @classmethod
     def preset(cls, name: str, in_channels: int = 1) -> EBMRecipe:
@@ -67,12 +76,15 @@ def _noisy_data(data: TrainingData, n: int, jitter: float, g: torch.Generator) -
     return data.images[idx] + jitter * torch.randn((n, *data.images.shape[1:]), generator=g)
 
 
-def short_run(ebm: EBM, x: torch.Tensor, steps: int, drift: float, eps: float, g: torch.Generator) -> torch.Tensor:
+def short_run(ebm: EBM, x: torch.Tensor, steps: int, drift: float, eps: float, g: torch.Generator,
+              precision: str = "fp32") -> torch.Tensor:
     """K Langevin steps, the purification update, with gradients for the input only."""
     for _ in range(steps):
         x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(ebm(x).sum(), x)
-        x = x.detach() - drift * grad + eps * torch.randn(x.shape, generator=g)
+        with autocast(precision):
+            energy = ebm(x).float().sum()
+        (grad,) = torch.autograd.grad(energy, x)
+        x = x.detach() - drift * grad.float() + eps * torch.randn(x.shape, generator=g)
     return x.detach()
 
 
@@ -88,6 +100,7 @@ def train_ebm(
 ) -> dict:
     """Train (or continue training) an EBM; returns the final info. The run folder is a checkpoint."""
     run_dir = Path(run_dir)
+    check_precision(recipe.precision)
     if data.images.shape[1] != recipe.in_channels:
         raise InputError(f"{data.source}: images have {data.images.shape[1]} channels, the EBM expects {recipe.in_channels}")
     torch.manual_seed(recipe.seed)
@@ -119,10 +132,11 @@ def train_ebm(
         fresh = torch.rand(recipe.batch_size, generator=g) < recipe.reinit_frac
         if fresh.any():
             neg[fresh] = _noisy_data(data, int(fresh.sum()), recipe.data_jitter, g)
-        neg = short_run(ebm, neg, recipe.langevin_steps, recipe.drift, recipe.eps, g)
+        neg = short_run(ebm, neg, recipe.langevin_steps, recipe.drift, recipe.eps, g, recipe.precision)
         bank[slots] = neg
 
-        loss = (ebm(pos).mean() - ebm(neg).mean()) / recipe.temp
+        with autocast(recipe.precision):
+            loss = (ebm(pos).float().mean() - ebm(neg).float().mean()) / recipe.temp
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"EBM loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)

@@ -62,6 +62,19 @@ def cosine_with_warmup(step: int, total: int, warmup: int, base_lr: float, final
     return base_lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+TRAINING_PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in TRAINING_PRECISIONS:
+        raise InputError(f"unknown training precision {precision!r}; choose {' or '.join(TRAINING_PRECISIONS)}")
+
+
+def autocast(precision: str):
+    """bf16 autocast of the network's forward (and so its backward); weights and optimizer stay fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
