@@ -193,7 +193,7 @@ def test_bf16_classifier_training_matches_fp32_for_a_few_steps():
         a, b = fp32(x), bf16(x)
     # 4 SGD steps with bf16 activations (8-bit mantissa) drift a little from fp32; logits agree to ~5%.
     assert (a - b).abs().max() <= 0.05 * a.abs().max() + 0.05
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(InputError, match="precision"):
         train_classifier(x, y, 3, dataclasses.replace(base, precision="fp8"), progress=False)
 
 
@@ -238,6 +238,17 @@ def test_demo_end_to_end_on_real_data_with_few_steps(tmp_path):
     assert set(result["checks"]) >= {"no defense: poison success >= 60%", "ebm: poison success <= 10%"}
     assert "| none |" in r.stdout and (out / "results.md").read_text() in r.stdout
     assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cached = sorted((out / "purified").iterdir())
+    assert [p.name.split("-")[0] for p in cached] == ["ddpm", "ebm"]
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again = cli("demo", "--data", FASHION_MNIST, "-o", out, "--subset", 100, "--seeds", 1, "--epochs", 1,
+                "--ebm-steps", 2, "--t-star", 2, "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert [p.stat().st_mtime_ns for p in sorted((out / "purified").iterdir())] == stamps  # reused, not redone
+    rerun = json.loads((out / "results.json").read_text())
+    first, second = result["measurements"][0], rerun["measurements"][0]
+    for key in ("defense", "seed", "natural_accuracy", "poison_success"):  # same data and seed: same numbers
+        assert first[key] == second[key]
 
 
 def test_demo_with_missing_data_exits_2_naming_the_file(tmp_path):
