@@ -23,6 +23,7 @@ import torch
 
 from puregen.api import load_purifier
 from puregen.data import from_model_space, read_dataset, to_model_space
+from puregen.evaluation.datasets import default_fashion_mnist_root
 from puregen.evaluation.figures import image_grid
 from puregen.models.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_model
 from puregen.training.acceptance import ddpm_denoising_ratio, ebm_energy_gap
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ebm-run", required=True)
     ap.add_argument("--ddpm-run", required=True)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fashion-mnist"))
+    ap.add_argument("--data", default=str(default_fashion_mnist_root()))
     ap.add_argument("--held-out", type=int, default=1000, help="test images used for the measurements")
     ap.add_argument("--ship", action="store_true", help="copy the models into puregen/assets/models/")
     args = ap.parse_args(argv)

@@ -147,7 +147,7 @@ class _Writer:
             raise self._error
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def image_progress_bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -275,7 +275,7 @@ def _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, 
     finished = {k for k in manifest["finished_chunks"] if paths.chunk(k).exists()}
     todo = [c for c in chunks if c[0] not in finished]
     images_todo = sum(stop - start for _, start, stop in todo)
-    bar = _progress_bar(n, f"purify[{purifier.method}]", progress)
+    bar = image_progress_bar(n, f"purify[{purifier.method}]", progress)
     if bar is not None:
         bar.update(n - images_todo)
     writer = _Writer(paths, manifest)
@@ -307,7 +307,7 @@ def _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress
     """filt's first pass: the energy of every image, chunked and resumable like the main pass."""
     done = set(manifest.get("finished_energy_chunks", []))
     todo = [c for c in chunks if not (c[0] in done and paths.energy_chunk(c[0]).exists())]
-    bar = _progress_bar(len(images), "energy", progress)
+    bar = image_progress_bar(len(images), "energy", progress)
     if bar is not None:
         bar.update(len(images) - sum(stop - start for _, start, stop in todo))
     for k, start, stop, chunk in _Prefetcher(images, todo):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..data import to_model_space
+from ..engine.pipeline import image_progress_bar
 from ..engine.purifiers import Purifier
 from ..training.classifier import ClassifierRecipe, predict, train_classifier
 from .triggers import Trigger
@@ -23,17 +24,13 @@ from .triggers import Trigger
 def purify_images(purifier: Purifier, images_u8: np.ndarray, *, seed: int, batch_size: int = 64,
                   progress: bool = True, desc: str = "purify") -> np.ndarray:
     """Purify uint8 NHWC images in batches with a progress bar; row i is keyed by index i."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(images_u8), desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
+    bar = image_progress_bar(len(images_u8), desc, progress)
+    batches = (images_u8[s : s + batch_size] for s in range(0, len(images_u8), batch_size))
     parts = []
-    for start in range(0, len(images_u8), batch_size):
-        batch = images_u8[start : start + batch_size]
-        parts.append(purifier.purify(batch, seed=seed, offset=start, batch_size=batch_size))
+    for out in purifier.purify_stream(batches, seed=seed):
+        parts.append(out)
         if bar is not None:
-            bar.update(len(batch))
+            bar.update(len(out))
     if bar is not None:
         bar.close()
     return np.concatenate(parts)

@@ -17,6 +17,7 @@ from ..config import LangevinConfig
 from ..engine.evaluator import TorchEvaluator
 from ..engine.schedule import DDPMSchedule
 from ..kernels import philox
+from ..kernels.reference import ddpm_forward_noise
 from .ebm import short_run
 from .state import step_generator
 
@@ -40,9 +41,8 @@ def ddpm_denoising_ratio(unet, held_out: torch.Tensor, t_star: int = 75, seed: i
     schedule = DDPMSchedule()
     t = t_star - 1
     abar = float(schedule.alphas_cumprod[t])
-    idx = torch.arange(held_out.shape[0])
-    noise = philox.normal_noise(idx, tuple(held_out.shape[1:]), seed=seed, stream=philox.STREAM_DDPM_FORWARD, step=0)
-    x_t = math.sqrt(abar) * held_out + math.sqrt(1 - abar) * noise
+    x_t = ddpm_forward_noise(held_out, sqrt_alpha_bar=math.sqrt(abar), sqrt_one_minus_alpha_bar=math.sqrt(1 - abar),
+                             indices=torch.arange(held_out.shape[0]), seed=seed, stream=philox.STREAM_DDPM_FORWARD)
     ev = TorchEvaluator(unet=unet)
     eps = ev.epsilon(x_t, t)
     x0_hat = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
@@ -50,4 +50,3 @@ def ddpm_denoising_ratio(unet, held_out: torch.Tensor, t_star: int = 75, seed: i
     err_noisy = (x_t - held_out).pow(2).mean().sqrt().item()
     return {"t_star": t_star, "rms_error_predicted_x0": err_pred, "rms_error_noised_input": err_noisy,
             "ratio": err_pred / err_noisy}
-

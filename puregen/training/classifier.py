@@ -22,9 +22,11 @@ from .loop import (
     check_precision,
     cosine_with_warmup,
     open_run,
+    save_run,
     set_lr,
+    stop_step,
 )
-from .state import save_training_state, step_generator
+from .state import step_generator
 
 
 @dataclass
@@ -155,12 +157,10 @@ def train_classifier_run(
     start, history, _ = open_run(run_dir, resume=resume, model=model, optimizer=opt, recipe=recipe.to_dict(),
                                  data=data)
     total = total_steps(len(data), recipe)
-    stop = total if max_steps_this_call is None else min(total, start + max_steps_this_call)
+    stop = stop_step(start, total, max_steps_this_call)
 
     def save(step: int) -> None:
-        info = {"kind": "classifier", "recipe": recipe.to_dict(), "data_fingerprint": data.fingerprint,
-                "data_source": data.source, "history": history}
-        save_training_state(run_dir, model=model, optimizer=opt, step=step, info=info)
+        save_run(run_dir, "classifier", recipe.to_dict(), data, history, step=step, model=model, optimizer=opt)
 
     def after_step(step: int, running: float) -> None:
         if (step + 1) % 50 == 0:

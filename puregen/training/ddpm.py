@@ -29,9 +29,11 @@ from .loop import (
     cosine_with_warmup,
     ema_update,
     open_run,
+    save_run,
     set_lr,
+    stop_step,
 )
-from .state import save_training_state, step_generator
+from .state import step_generator
 
 
 def small_unet(in_channels: int = 1, sample_size: int = 28) -> UNetConfig:
@@ -112,12 +114,10 @@ def train_ddpm(
         ema.load_state_dict({k: extra[f"ema.{k}"] for k in ema.state_dict()})
 
     def save(step: int) -> None:
-        info = {"kind": "ddpm", "recipe": recipe.to_dict(), "data_fingerprint": data.fingerprint,
-                "data_source": data.source, "history": history}
-        save_training_state(run_dir, model=unet, optimizer=opt, step=step, info=info, export_model=ema,
-                            extra_tensors={f"ema.{k}": v for k, v in ema.state_dict().items()})
+        save_run(run_dir, "ddpm", recipe.to_dict(), data, history, step=step, model=unet, optimizer=opt,
+                 export_model=ema, extra_tensors={f"ema.{k}": v for k, v in ema.state_dict().items()})
 
-    stop = recipe.steps if max_steps_this_call is None else min(recipe.steps, start + max_steps_this_call)
+    stop = stop_step(start, recipe.steps, max_steps_this_call)
     bar = Progress(recipe.steps, start, "train ddpm", recipe.batch_size, progress)
     running = None
     unet.train()

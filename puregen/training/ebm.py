@@ -26,9 +26,11 @@ from .loop import (
     batch_indices,
     check_precision,
     open_run,
+    save_run,
     set_lr,
+    stop_step,
 )
-from .state import save_training_state, step_generator
+from .state import step_generator
 
 
 @dataclass
@@ -114,11 +116,10 @@ def train_ebm(
         bank = _noisy_data(data, recipe.bank_size, recipe.data_jitter, step_generator(recipe.seed, -1))
 
     def save(step: int) -> None:
-        info = {"kind": "ebm", "recipe": recipe.to_dict(), "data_fingerprint": data.fingerprint,
-                "data_source": data.source, "history": history}
-        save_training_state(run_dir, model=ebm, optimizer=opt, step=step, info=info, extra_tensors={"bank": bank})
+        save_run(run_dir, "ebm", recipe.to_dict(), data, history, step=step, model=ebm, optimizer=opt,
+                 extra_tensors={"bank": bank})
 
-    stop = recipe.steps if max_steps_this_call is None else min(recipe.steps, start + max_steps_this_call)
+    stop = stop_step(start, recipe.steps, max_steps_this_call)
     bar = Progress(recipe.steps, start, "train ebm", recipe.batch_size, progress)
     running = None
     for step in range(start, stop):

@@ -122,6 +122,21 @@ def check_resume(run_dir: Path, info: dict, recipe: dict, data: TrainingData) ->
         raise InputError(f"{run_dir}: cannot resume on different training data ({data.source})")
 
 
+def stop_step(start: int, total: int, max_steps_this_call: int | None) -> int:
+    """The step this call ends at: the run's end, or sooner when the caller asked for fewer steps."""
+    return total if max_steps_this_call is None else min(total, start + max_steps_this_call)
+
+
+def save_run(run_dir: Path, kind: str, recipe: dict, data: TrainingData, history: list, *, step: int,
+             **state) -> None:
+    """A resumable checkpoint with the run's description; `state` goes to `save_training_state`."""
+    from .state import save_training_state
+
+    info = {"kind": kind, "recipe": recipe, "data_fingerprint": data.fingerprint, "data_source": data.source,
+            "history": history}
+    save_training_state(run_dir, step=step, info=info, **state)
+
+
 def open_run(run_dir: Path, *, resume: bool, model: nn.Module, optimizer, recipe: dict, data: TrainingData):
     """Start or continue a run: returns (first step, loss history, extra saved tensors)."""
     from .state import load_training_state
