@@ -142,3 +142,9 @@ def test_bf16_training_losses_follow_fp32(data):
     assert (runs[0] - runs[1]).abs().max() <= 0.02
     with pytest.raises(InputError, match="precision"):
         train_ddpm(data, "unused", dataclasses.replace(DDPMRecipe.preset("tiny"), precision="fp16"), progress=False)
+
+
+def test_ebm_bank_smaller_than_a_batch_is_refused(data, tmp_path):
+    recipe = dataclasses.replace(EBMRecipe.preset("tiny"), bank_size=4, batch_size=8)
+    with pytest.raises(InputError, match="bank"):
+        train_ebm(data, tmp_path / "run", recipe, progress=False)

@@ -103,6 +103,8 @@ def train_ebm(
     """Train (or continue training) an EBM; returns the final info. The run folder is a checkpoint."""
     run_dir = Path(run_dir)
     check_precision(recipe.precision)
+    if recipe.bank_size < recipe.batch_size:
+        raise InputError(f"the sample bank ({recipe.bank_size}) must hold at least one batch ({recipe.batch_size})")
     if data.images.shape[1] != recipe.in_channels:
         raise InputError(f"{data.source}: images have {data.images.shape[1]} channels, the EBM expects {recipe.in_channels}")
     torch.manual_seed(recipe.seed)
@@ -128,7 +130,9 @@ def train_ebm(
         pos_idx = batch_indices(len(data), recipe.batch_size, step, recipe.seed)
         pos = data.images[pos_idx] + recipe.data_jitter * torch.randn(
             (len(pos_idx), *data.images.shape[1:]), generator=g)
-        slots = torch.randint(0, recipe.bank_size, (recipe.batch_size,), generator=g)
+        # Distinct slots: with repeats, `bank[slots] = neg` keeps whichever write lands last, which varies
+        # between threaded runs and broke exact resumption (seen as a flaky resume test).
+        slots = torch.randperm(recipe.bank_size, generator=g)[: recipe.batch_size]
         neg = bank[slots].clone()
         fresh = torch.rand(recipe.batch_size, generator=g) < recipe.reinit_frac
         if fresh.any():
