@@ -85,3 +85,33 @@ def test_filt_stream_needs_and_uses_an_energy_threshold(images, tiny_models):
     streamed = np.concatenate(list(q.purify_stream([images[:6], images[6:16]], seed=1)))
     assert np.array_equal(streamed, q.purify(images[:16], seed=1))
     assert 0 < (streamed != images[:16]).any(axis=(1, 2, 3)).sum() < 16  # some purified, some passed through
+
+
+@pytest.mark.parametrize("method", ["ebm", "naive"])
+def test_worker_processes_give_the_bytes_of_one_process(method, images, tiny_checkpoints):
+    import torch
+
+    from puregen.engine.workers import purify_in_workers
+
+    ebm, ddpm = tiny_checkpoints
+    options = {"ebm": ebm, "ddpm": ddpm, "preset": "tiny", "micro_batch": 8, **OVERRIDES[method]}
+    threads_before = torch.get_num_threads()
+    ref = load_purifier(method, threads=1, **options).purify(images, seed=5, offset=100)
+    torch.set_num_threads(threads_before)
+    # batches of 12 do not align with the micro-batch of 8, and two workers take them in any order
+    out = purify_in_workers(method, images, seed=5, workers=2, threads_per_worker=1, batch_size=12, offset=100,
+                            progress=False, **options)
+    assert (ref != images).mean() > 0.2
+    assert np.array_equal(out, ref)
+    assert torch.get_num_threads() == threads_before  # the caller's thread count is left alone
+
+
+def test_worker_processes_refuse_filt_ranking_and_bad_checkpoints(images, tmp_path, tiny_checkpoints):
+    from puregen.engine.workers import purify_in_workers
+    from puregen.errors import CheckpointError, InputError
+
+    ebm, ddpm = tiny_checkpoints
+    with pytest.raises(InputError, match="energy threshold"):
+        purify_in_workers("filt", images, ebm=ebm, ddpm=ddpm, preset="tiny", progress=False)
+    with pytest.raises((InputError, CheckpointError), match="nowhere"):
+        purify_in_workers("ebm", images, ebm=tmp_path / "nowhere", progress=False)
