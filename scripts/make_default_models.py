@@ -1,11 +1,13 @@
 """Measure trained runs on held-out data, then ship them as the package's default models.
 
-    python scripts/make_default_models.py --ebm-run RUN --ddpm-run RUN \
+    python scripts/make_default_models.py [--ebm-run RUN] [--ddpm-run RUN] \
         --data ../shared/data/fashion-mnist [--ship]
 
 Prints (and writes to docs/default-models.json) the acceptance numbers of
-`puregen.training.acceptance`, saves sample grids under docs/, and with
---ship copies the two models into puregen/assets/models/.
+`puregen.training.acceptance` and the demo trigger's retention, saves sample
+grids under docs/, and with --ship copies the given runs into
+puregen/assets/models/. A model whose run is not given is the one already
+shipped (measured, not copied).
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ import torch
 from puregen.api import load_purifier
 from puregen.data import from_model_space, read_dataset, to_model_space
 from puregen.evaluation.datasets import default_fashion_mnist_root
+from puregen.evaluation.demo import DEMO_TRIGGER
+from puregen.evaluation.retention import trigger_retention
+from puregen.evaluation.triggers import shipped_trigger
 from puregen.evaluation.figures import image_grid
 from puregen.models.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_model
+from puregen.models.defaults import default_checkpoint
 from puregen.training.acceptance import ddpm_denoising_ratio, ebm_energy_gap
 from puregen.training.classifier import ClassifierRecipe, accuracy, train_classifier
 
@@ -34,8 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ebm-run", required=True)
-    ap.add_argument("--ddpm-run", required=True)
+    ap.add_argument("--ebm-run", help="EBM run folder (default: the shipped EBM)")
+    ap.add_argument("--ddpm-run", help="DDPM run folder (default: the shipped DDPM)")
     ap.add_argument("--data", default=str(default_fashion_mnist_root()))
     ap.add_argument("--held-out", type=int, default=1000, help="test images used for the measurements")
     ap.add_argument("--ship", action="store_true", help="copy the models into puregen/assets/models/")
@@ -46,8 +52,8 @@ def main(argv=None) -> int:
     train = read_dataset(data / "train-images-idx3-ubyte.gz")
     held_u8 = test.images[: args.held_out]
     held = to_model_space(held_u8)
-    ebm = load_model(args.ebm_run, expect="ebm").model
-    unet = load_model(args.ddpm_run, expect="unet").model
+    ebm = load_model(args.ebm_run or default_checkpoint("ebm"), expect="ebm").model
+    unet = load_model(args.ddpm_run or default_checkpoint("unet"), expect="unet").model
     report: dict = {"held_out_images": args.held_out, "data": str(data)}
 
     t0 = time.perf_counter()
@@ -74,6 +80,10 @@ def main(argv=None) -> int:
         "accuracy_ebm_purified_150_steps": acc_ebm, "retention_ebm": acc_ebm / acc_clean,
         "accuracy_ddpm_purified_t75_first_256": acc_ddpm,
     }
+    retention = trigger_retention(purifier, held_u8[:256], shipped_trigger(DEMO_TRIGGER), seed=0)
+    report["demo_trigger_retention_ebm_150_steps_first_256"] = retention
+    report["demo_trigger_retention_ddpm_t75_first_256"] = trigger_retention(ddpm, held_u8[:256],
+                                                                           shipped_trigger(DEMO_TRIGGER), seed=0)
     rows = np.concatenate([held_u8[:16], purified[:16], denoised[:16]])
     image_grid(rows, 3).save(REPO / "docs" / "purification-examples.png")
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -82,6 +92,8 @@ def main(argv=None) -> int:
 
     if args.ship:
         for run, name in ((args.ebm_run, "fashion-mnist-ebm"), (args.ddpm_run, "fashion-mnist-ddpm")):
+            if run is None:
+                continue
             dest = REPO / "puregen" / "assets" / "models" / name
             dest.mkdir(parents=True, exist_ok=True)
             for f in (CONFIG_FILE, WEIGHTS_FILE):

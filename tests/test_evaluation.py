@@ -256,3 +256,55 @@ def test_demo_with_missing_data_exits_2_naming_the_file(tmp_path):
     assert r.returncode == 2
     assert "nowhere" in r.stderr and "Fashion-MNIST" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+class _Blur:
+    """A deterministic stand-in purifier: a 3x3 box blur (a smooth trigger survives it, a noisy one does not)."""
+
+    def purify(self, images, seed=0):
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        out = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+        return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class _Identity:
+    def purify(self, images, seed=0):
+        return images.copy()
+
+
+class _Constant:
+    def purify(self, images, seed=0):
+        return np.full_like(images, 128)
+
+
+def test_trigger_retention_is_one_for_identity_zero_for_constant_and_between_for_blur():
+    from puregen.evaluation.retention import trigger_retention
+
+    images = smooth_images(6)
+    trig = random_trigger()  # i.i.d. noise: a blur removes most of it
+    assert trigger_retention(_Identity(), images, trig)["retention"] == pytest.approx(1.0, abs=1e-12)
+    constant = trigger_retention(_Constant(), images, trig)
+    assert constant["retention"] == 0.0 and constant["surviving_norm_ratio"] == 0.0
+    blurred = trigger_retention(_Blur(), images, trig)["retention"]
+    assert 0.0 < blurred < 0.3  # a 3x3 box keeps 1/9 of white noise's power along itself, plus rounding
+    with pytest.raises(ValueError, match="changes none"):
+        trigger_retention(_Identity(), np.full_like(images, 255), Trigger(np.full((28, 28, 1), EPS, np.float32),
+                                                                           EPS, 0))
+
+
+def test_training_in_worker_processes_matches_training_in_this_process():
+    from puregen.evaluation.harness import evaluate_defenses
+
+    labels = np.arange(60) % 10
+    sets = {"none": smooth_images(60, seed=1), "other": smooth_images(60, seed=2)}
+    test = EvalSet.build(smooth_images(30, seed=4), np.arange(30) % 10, random_trigger(target=2), amplify=1)
+    recipe = ClassifierRecipe(epochs=2, batch_size=16, crop_padding=0, flip=False)
+    torch.set_num_threads(1)  # the workers' thread count: a training's result depends on it
+    here = evaluate_defenses(sets, labels, test, [0, 1], recipe, progress=False)
+    there = evaluate_defenses(sets, labels, test, [0, 1], recipe, progress=False, workers=2, threads_per_worker=1)
+    assert [(m.defense, m.seed) for m in there] == [("none", 0), ("none", 1), ("other", 0), ("other", 1)]
+    for a, b in zip(here, there):
+        assert (a.defense, a.seed, a.natural_accuracy, a.poison_success) == (
+            b.defense, b.seed, b.natural_accuracy, b.poison_success)
+    assert len({m.natural_accuracy for m in here}) > 1 or len({m.poison_success for m in here}) > 1, \
+        "all runs measured the same: the comparison would be vacuous"
