@@ -8,9 +8,7 @@ target class once the trigger (times `amplify`) is added to them.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,64 +72,22 @@ def measure(model, test: EvalSet, precision: str = "fp32") -> tuple[float, float
     return natural, success
 
 
-def _train_and_measure(images: np.ndarray, labels: np.ndarray, name: str, seed: int, test: EvalSet,
-                       recipe: ClassifierRecipe, progress: bool, num_classes: int) -> Measurement:
-    t0 = time.perf_counter()
-    model = train_classifier(to_model_space(images, f"{name} training set"),
-                             torch.from_numpy(labels.astype(np.int64)), num_classes,
-                             dataclasses.replace(recipe, seed=seed), progress=progress,
-                             desc=f"train [{name}, seed {seed}]")
-    seconds = time.perf_counter() - t0
-    natural, success = measure(model, test, recipe.precision)
-    return Measurement(name, seed, natural, success, seconds)
-
-
-_worker_job: dict = {}  # what every task of a training worker shares, set once per process
-
-
-def _init_training_worker(job: dict, threads: int) -> None:
-    torch.set_num_threads(threads)
-    _worker_job.update(job)
-
-
-def _training_task(name: str, seed: int) -> Measurement:
-    j = _worker_job
-    return _train_and_measure(j["sets"][name], j["labels"], name, seed, j["test"], j["recipe"], False,
-                              j["num_classes"])
-
-
 def evaluate_defenses(training_sets: dict[str, np.ndarray], labels: np.ndarray, test: EvalSet,
                       seeds: list[int], recipe: ClassifierRecipe, *, progress: bool = True,
-                      num_classes: int = 10, workers: int = 1, threads_per_worker: int = 1) -> list[Measurement]:
-    """Train one classifier per (defense, seed) on that defense's training set and measure it.
-
-    With `workers` > 1 the trainings run in that many processes of `threads_per_worker` threads each
-    (on a 2-core CPU two 1-thread trainings finish about 1.7x sooner than two 2-thread ones in turn).
-    A training's result depends on its thread count, not on which worker ran it or when.
-    """
-    tasks = [(name, seed) for name in training_sets for seed in seeds]
-    if workers <= 1:
-        return [_train_and_measure(training_sets[name], labels, name, seed, test, recipe, progress, num_classes)
-                for name, seed in tasks]
-    job = {"sets": training_sets, "labels": labels, "test": test, "recipe": recipe, "num_classes": num_classes}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc=f"train classifiers ({workers} workers)", unit="model",
-                   dynamic_ncols=True)
-    done: dict[tuple[str, int], Measurement] = {}
-    ctx = multiprocessing.get_context("spawn")  # a forked child would inherit OpenMP's pool mid-state
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_training_worker,
-                             initargs=(job, threads_per_worker)) as pool:
-        futures = {pool.submit(_training_task, name, seed): (name, seed) for name, seed in tasks}
-        for future in as_completed(futures):
-            done[futures[future]] = future.result()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return [done[t] for t in tasks]
+                      num_classes: int = 10) -> list[Measurement]:
+    """Train one classifier per (defense, seed) on that defense's training set and measure it."""
+    y = torch.from_numpy(labels.astype(np.int64))
+    results = []
+    for name, images in training_sets.items():
+        x = to_model_space(images, f"{name} training set")
+        for seed in seeds:
+            t0 = time.perf_counter()
+            model = train_classifier(x, y, num_classes, dataclasses.replace(recipe, seed=seed),
+                                     progress=progress, desc=f"train [{name}, seed {seed}]")
+            seconds = time.perf_counter() - t0
+            natural, success = measure(model, test, recipe.precision)
+            results.append(Measurement(name, seed, natural, success, seconds))
+    return results
 
 
 @dataclass
