@@ -242,8 +242,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--t-star", type=int, help="DDPM diffusion depth (default 75, the published value)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the main process (default 2)")
     p.add_argument("--workers", type=int, default=2,
-                   help="1-thread processes for the DDPM purification and the classifier trainings (default 2; "
-                   "1 runs everything in this process)")
+                   help="1-thread processes for the DDPM purification (default 2; 1 runs it in this process)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -255,10 +254,10 @@ def _cmd_demo(args) -> int:
     from .evaluation.datasets import default_fashion_mnist_root
     from .evaluation.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(data=Path(args.data) if args.data else default_fashion_mnist_root(), out=Path(args.out),
-                     threads=args.threads, workers=args.workers, progress=not args.no_progress)
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
+    cfg = DemoConfig(data=Path(args.data) if args.data else default_fashion_mnist_root(), out=Path(args.out),
+                     threads=args.threads, workers=args.workers, progress=not args.no_progress)
     changes = {"subset": args.subset, "trigger": args.trigger, "amplify": args.amplify,
                "ebm_steps": args.ebm_steps, "ddpm_t_star": args.t_star}
     if args.seeds is not None:
