@@ -240,6 +240,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--amplify", type=float, help="test-time trigger multiplier (default 3, as Narcissus)")
     p.add_argument("--ebm-steps", type=int, help="EBM Langevin steps (default 150, the published value)")
     p.add_argument("--t-star", type=int, help="DDPM diffusion depth (default 75, the published value)")
+    p.add_argument("--ebm", metavar="CKPT", help="EBM checkpoint folder (default: the shipped EBM)")
+    p.add_argument("--ddpm", metavar="CKPT", help="DDPM checkpoint folder (default: the shipped DDPM)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the main process (default 2)")
     p.add_argument("--workers", type=int, default=2,
                    help="1-thread processes for the DDPM purification (default 2; 1 runs it in this process)")
@@ -259,7 +261,8 @@ def _cmd_demo(args) -> int:
     cfg = DemoConfig(data=Path(args.data) if args.data else default_fashion_mnist_root(), out=Path(args.out),
                      threads=args.threads, workers=args.workers, progress=not args.no_progress)
     changes = {"subset": args.subset, "trigger": args.trigger, "amplify": args.amplify,
-               "ebm_steps": args.ebm_steps, "ddpm_t_star": args.t_star}
+               "ebm_steps": args.ebm_steps, "ddpm_t_star": args.t_star,
+               "ebm": Path(args.ebm) if args.ebm else None, "ddpm": Path(args.ddpm) if args.ddpm else None}
     if args.seeds is not None:
         if args.seeds < 1:
             raise InputError(f"--seeds must be at least 1, got {args.seeds}")

@@ -291,3 +291,12 @@ def test_trigger_retention_is_one_for_identity_zero_for_constant_and_between_for
         trigger_retention(_Identity(), np.full_like(images, 255), Trigger(np.full((28, 28, 1), EPS, np.float32),
                                                                            EPS, 0))
 
+
+
+def test_demo_with_a_missing_ebm_checkpoint_exits_2_naming_it(tmp_path):
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}")
+    r = cli("demo", "--data", FASHION_MNIST, "-o", tmp_path / "out", "--ebm", tmp_path / "no-such-ebm",
+            "--subset", 100, "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert "no-such-ebm" in r.stderr and "Traceback" not in r.stderr

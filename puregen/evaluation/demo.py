@@ -56,6 +56,8 @@ class DemoConfig:
     amplify: float = 3.0  # test-time multiplier of the trigger (Narcissus uses 3)
     purify_seed: int = 0
     ebm_steps: int = 150  # the published Langevin steps
+    ebm: Path | None = None  # checkpoint folders; None: the shipped default models
+    ddpm: Path | None = None
     ddpm_t_star: int = 75  # the published diffusion depth
     micro_batch: int = 64
     threads: int | None = 2  # of this process: EBM purification and classifier training
@@ -171,7 +173,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     sets = {"none": poisoned.images}
     timings = {}
-    overrides = {"ebm": {"steps": cfg.ebm_steps}, "ddpm": {"t_star": cfg.ddpm_t_star}}
+    overrides = {"ebm": {"steps": cfg.ebm_steps, "checkpoint": cfg.ebm},
+                 "ddpm": {"t_star": cfg.ddpm_t_star, "checkpoint": cfg.ddpm}}
     for method in DEFENSES:
         t0 = time.perf_counter()
         sets[method] = cached_purification(method, {"micro_batch": cfg.micro_batch, **overrides[method]},
@@ -199,7 +202,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "target": trigger.target, "target_name": FASHION_MNIST_CLASSES[trigger.target],
             "trigger": cfg.trigger, "trigger_linf": trigger.linf, "epsilon": trigger.epsilon,
             "amplify": cfg.amplify, "seeds": list(cfg.seeds), "classifier": cfg.classifier.to_dict(),
-            "ebm_steps": cfg.ebm_steps, "ddpm_t_star": cfg.ddpm_t_star, "micro_batch": cfg.micro_batch, "threads": threads,
+            "ebm_steps": cfg.ebm_steps, "ddpm_t_star": cfg.ddpm_t_star,
+            "ebm": str(cfg.ebm or "shipped default"), "ddpm": str(cfg.ddpm or "shipped default"), "micro_batch": cfg.micro_batch, "threads": threads,
             "workers": cfg.workers, "puregen": __version__,
             "machine": platform.processor() or platform.machine(),
         },
