@@ -7,7 +7,7 @@ prints for both: images/s, achieved FLOP/s (counted from the architectures),
 the fraction of the fp32 convolution ceiling measured in the same run, and
 the workers' speed-up over the reference.
 
-    python benchmarks/workers.py --images 256 --ebm-steps 150 --t-star 40
+    python -m benchmarks.workers --images 256 --ebm-steps 150 --t-star 40
 """
 
 from __future__ import annotations

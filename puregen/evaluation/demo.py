@@ -61,7 +61,7 @@ class DemoConfig:
     ddpm_t_star: int = 75  # the published diffusion depth
     micro_batch: int = 64
     threads: int | None = 2  # of this process: EBM purification and classifier training
-    # 1-thread processes for the DDPM purification (1 = none): 1.19x faster than one 2-thread process on
+    # 1-thread processes for the DDPM purification (1 = none): 1.16-1.19x faster than one 2-thread process on
     # 2 cores. Classifier training was measured too and does not gain (about 19 s a model either way).
     workers: int = 2
     # Fashion-MNIST is usually trained without augmentation; 60 epochs on 1,000 images fit the training set.
@@ -119,8 +119,8 @@ def _examples_png(path: Path, poisoned: PoisonedSet, sets: dict[str, np.ndarray]
         image_grid(np.concatenate(rows), len(rows), scale=3).save(f, format="PNG")
 
 
-# The EBM's input gradient scales well across threads (two 1-thread workers were 0.92x of one 2-thread
-# process); the UNet's many small element-wise ops do not (1.19x for the workers).
+# The EBM's input gradient scales well across threads (two 1-thread workers were 0.89-0.92x of one
+# 2-thread process); the UNet's many small element-wise ops do not (1.16-1.19x for the workers).
 WORKER_METHODS = ("ddpm",)
 
 
@@ -203,8 +203,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "trigger": cfg.trigger, "trigger_linf": trigger.linf, "epsilon": trigger.epsilon,
             "amplify": cfg.amplify, "seeds": list(cfg.seeds), "classifier": cfg.classifier.to_dict(),
             "ebm_steps": cfg.ebm_steps, "ddpm_t_star": cfg.ddpm_t_star,
-            "ebm": str(cfg.ebm or "shipped default"), "ddpm": str(cfg.ddpm or "shipped default"), "micro_batch": cfg.micro_batch, "threads": threads,
-            "workers": cfg.workers, "puregen": __version__,
+            "ebm": str(cfg.ebm or "shipped default"), "ddpm": str(cfg.ddpm or "shipped default"),
+            "micro_batch": cfg.micro_batch, "threads": threads, "workers": cfg.workers, "puregen": __version__,
             "machine": platform.processor() or platform.machine(),
         },
     }
