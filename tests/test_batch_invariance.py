@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from puregen.api import load_purifier
+from puregen.models.ebm import EBM, EBMConfig
 
 from .conftest import smooth_images
 
@@ -115,3 +116,19 @@ def test_worker_processes_refuse_filt_ranking_and_bad_checkpoints(images, tmp_pa
         purify_in_workers("filt", images, ebm=ebm, ddpm=ddpm, preset="tiny", progress=False)
     with pytest.raises((InputError, CheckpointError), match="nowhere"):
         purify_in_workers("ebm", images, ebm=tmp_path / "nowhere", progress=False)
+
+
+class ExitOnUse(EBM):
+    """A tiny EBM that ends its process when evaluated, as an out-of-memory kill would."""
+
+    def forward(self, x):
+        import os
+
+        os._exit(3)
+
+
+def test_a_dead_worker_is_a_clear_error(images):
+    from puregen.engine.workers import purify_in_workers
+
+    with pytest.raises(RuntimeError, match="worker process died"):
+        purify_in_workers("ebm", images[:8], ebm=ExitOnUse(EBMConfig.tiny(in_channels=1)), steps=1, micro_batch=8, progress=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 
 import numpy as np
@@ -76,7 +77,11 @@ def purify_in_workers(method: str, images_u8: np.ndarray, *, seed: int = 0, work
         futures = [pool.submit(_purify_rows, offset + s, images_u8[s : s + batch_size], seed)
                    for s in range(0, len(images_u8), batch_size)]
         for future in as_completed(futures):
-            start, part = future.result()
+            try:
+                start, part = future.result()
+            except BrokenProcessPool:
+                raise RuntimeError(f"a purification worker process died (killed, or out of memory?) while "
+                                   f"{len(futures)} batches of {method} were running in {workers} workers") from None
             out[start - offset : start - offset + len(part)] = part
             if bar is not None:
                 bar.update(len(part))
