@@ -92,13 +92,13 @@ def test_filt_stream_needs_and_uses_an_energy_threshold(images, tiny_models):
 def test_worker_processes_give_the_bytes_of_one_process(method, images, tiny_checkpoints):
     import torch
 
-    from puregen.engine.workers import purify_in_workers
+    from puregen.engine.workers import keep_thread_count, purify_in_workers
 
     ebm, ddpm = tiny_checkpoints
     options = {"ebm": ebm, "ddpm": ddpm, "preset": "tiny", "micro_batch": 8, **OVERRIDES[method]}
     threads_before = torch.get_num_threads()
-    ref = load_purifier(method, threads=1, **options).purify(images, seed=5, offset=100)
-    torch.set_num_threads(threads_before)
+    with keep_thread_count():
+        ref = load_purifier(method, threads=1, **options).purify(images, seed=5, offset=100)
     # batches of 12 do not align with the micro-batch of 8, and two workers take them in any order
     out = purify_in_workers(method, images, seed=5, workers=2, threads_per_worker=1, batch_size=12, offset=100,
                             progress=False, **options)
@@ -131,4 +131,5 @@ def test_a_dead_worker_is_a_clear_error(images):
     from puregen.engine.workers import purify_in_workers
 
     with pytest.raises(RuntimeError, match="worker process died"):
-        purify_in_workers("ebm", images[:8], ebm=ExitOnUse(EBMConfig.tiny(in_channels=1)), steps=1, micro_batch=8, progress=False)
+        purify_in_workers("ebm", images[:8], ebm=ExitOnUse(EBMConfig.tiny(in_channels=1)), steps=1, micro_batch=8,
+                          progress=False)

@@ -292,7 +292,6 @@ def test_trigger_retention_is_one_for_identity_zero_for_constant_and_between_for
                                                                            EPS, 0))
 
 
-
 def test_demo_with_a_missing_ebm_checkpoint_exits_2_naming_it(tmp_path):
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}")

@@ -80,8 +80,8 @@ def purify_in_workers(method: str, images_u8: np.ndarray, *, seed: int = 0, work
             try:
                 start, part = future.result()
             except BrokenProcessPool:
-                raise RuntimeError(f"a purification worker process died (killed, or out of memory?) while "
-                                   f"{len(futures)} batches of {method} were running in {workers} workers") from None
+                raise RuntimeError(f"a purification worker process died (killed, or out of memory?) while {workers} "
+                                   f"workers purified {len(images_u8)} images with {method}") from None
             out[start - offset : start - offset + len(part)] = part
             if bar is not None:
                 bar.update(len(part))
