@@ -65,21 +65,24 @@ def load_purifier(
     backend: str = "torch",
     micro_batch: int = DEFAULT_MICRO_BATCH,
     threads: int | None = None,
+    channels_last: bool | None = None,
     **overrides,
 ) -> Purifier:
     """A ready purifier for `method`.
 
     `ebm` / `ddpm` are checkpoint folders or loaded nn.Modules; `checkpoint`
     is a shorthand for the one network of the `ebm` and `ddpm` methods.
-    `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality.
+    `precision` (fp32, bf16, fp16, auto) and `backend` (torch = eager,
+    compiled = torch.compile) choose the fast path; `channels_last` defaults
+    to on for the compiled backend. `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality.
     """
     if checkpoint is not None:
         if method not in ("ebm", "ddpm"):
             raise TypeError(f"method {method!r} takes ebm= and ddpm= checkpoints, not one checkpoint")
         ebm, ddpm = (checkpoint, ddpm) if method == "ebm" else (ebm, checkpoint)
     cfg = method_config(method, preset, **overrides)
-    check_backend(backend, precision)
     dev = resolve_device(device)
+    precision = check_backend(backend, precision, dev)
     pinned = pin_threads(threads)
     if method == "jpeg":
         return Purifier(cfg, None, device=dev, provenance={"threads": pinned, "checkpoints": {}})
@@ -94,5 +97,8 @@ def load_purifier(
             models[kind], fingerprints[kind] = loaded.model, loaded.fingerprint
             if is_default:
                 defaults.append(kind)
-    evaluator = TorchEvaluator(models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch)
+    evaluator = TorchEvaluator(
+        models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch, precision=precision,
+        channels_last=backend == "compiled" if channels_last is None else channels_last, compile=backend == "compiled",
+    )
     return Purifier(cfg, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints, "defaults": defaults})

@@ -266,7 +266,8 @@ def run_job(
         if global_pass:  # the selection belongs to this dataset, not to the purifier
             purifier.filt_selection = None
     elapsed = time.perf_counter() - started
-    return _merge(paths, manifest, chunks, labels, elapsed, images_run)
+    runtime = getattr(purifier.evaluator, "compile_state", dict)()
+    return _merge(paths, manifest, chunks, labels, elapsed, images_run, runtime)
 
 
 def _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, progress, on_chunk) -> int:
@@ -326,7 +327,7 @@ def _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress
         bar.close()
 
 
-def _merge(paths: JobPaths, manifest: dict, chunks, labels, elapsed: float, images_run: int) -> dict:
+def _merge(paths: JobPaths, manifest: dict, chunks, labels, elapsed: float, images_run: int, runtime: dict) -> dict:
     parts, audit = [], {}
     for k, _, _ in chunks:
         with np.load(paths.chunk(k), allow_pickle=False) as z:
@@ -343,7 +344,7 @@ def _merge(paths: JobPaths, manifest: dict, chunks, labels, elapsed: float, imag
             "output": str(paths.output),
             "output_fingerprint": dataset_fingerprint(images, labels),
             "audit": {k: np.concatenate(v).astype(float).round(7).tolist() for k, v in audit.items()},
-            "provenance": run_provenance(),
+            "provenance": {**run_provenance(), "compile_state": runtime},
             "timing": {
                 "seconds_this_run": round(elapsed, 3),
                 "images_this_run": images_run,

@@ -260,7 +260,7 @@ class Purifier:
 def _as_indices(indices, n: int, offset: int) -> torch.Tensor:
     if indices is None:
         return torch.arange(offset, offset + n, dtype=torch.int64)
-    idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64).reshape(-1)
+    idx = torch.as_tensor(np.ascontiguousarray(indices), dtype=torch.int64).reshape(-1)
     if idx.numel() != n:
         raise InputError(f"indices has {idx.numel()} entries for {n} images")
     if idx.numel() and int(idx.min()) < 0:
