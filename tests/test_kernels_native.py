@@ -315,3 +315,13 @@ def test_missing_file_and_abi_mismatch_have_reasons():
     available, reason = _probe({}, mismatch)
     assert available == "False" and "ABI mismatch" in reason
     assert native.library_path() is not None and native.library_path().is_file()
+
+
+def test_numpy_and_tensor_scalars_are_accepted():
+    import numpy as np
+
+    x, grad, idx = _randn((2, 7), 20), _randn((2, 7), 21), torch.tensor([4, 5])
+    want = native.langevin_update(x, grad, drift=0.25, noise_scale=0.5, indices=idx, seed=9, stream=1, step=2)
+    got = native.langevin_update(x, grad, drift=np.float32(0.25), noise_scale=torch.tensor(0.5), indices=idx,
+                                 seed=np.uint64(9), stream=np.int32(1), step=torch.tensor(2))
+    assert torch.equal(got, want)

@@ -105,6 +105,8 @@ def _library() -> ctypes.CDLL:
 
 
 def _call(name: str, *args) -> None:
+    # numpy / 0-dim tensor integers become Python ints (ctypes takes only those)
+    args = [int(a) if not isinstance(a, (int, float, type(None))) else a for a in args]
     status = getattr(_library(), name)(*args)
     if status:
         raise ValueError(f"{name}: {_STATUS.get(status, f'error {status}')}")
@@ -188,7 +190,7 @@ def langevin_update(x: torch.Tensor, grad: torch.Tensor, *, drift: float, noise_
     idx = _check_args(indices, x.shape[0], seed, stream, step)
     out = torch.empty_like(x)
     _call("puregen_langevin_update", _ptr_of(x), _ptr_of(grad), _ptr_of(out), x.shape[0], math.prod(x.shape[1:]),
-          drift, noise_scale, _ptr_of(idx), seed, stream, step, _nthreads())
+          float(drift), float(noise_scale), _ptr_of(idx), seed, stream, step, _nthreads())
     return out
 
 
@@ -199,7 +201,7 @@ def ddpm_forward_noise(x0: torch.Tensor, *, sqrt_alpha_bar: float, sqrt_one_minu
     idx = _check_args(indices, x0.shape[0], seed, stream, 0)
     out = torch.empty_like(x0)
     _call("puregen_ddpm_forward_noise", _ptr_of(x0), _ptr_of(out), x0.shape[0], math.prod(x0.shape[1:]),
-          sqrt_alpha_bar, sqrt_one_minus_alpha_bar, _ptr_of(idx), seed, stream, _nthreads())
+          float(sqrt_alpha_bar), float(sqrt_one_minus_alpha_bar), _ptr_of(idx), seed, stream, _nthreads())
     return out
 
 
@@ -211,6 +213,6 @@ def ddpm_reverse_step(x_t: torch.Tensor, eps_pred: torch.Tensor, *, t: int, coef
     idx = _check_args(indices, x_t.shape[0], seed, stream, t)
     out = torch.empty_like(x_t)
     _call("puregen_ddpm_reverse_step", _ptr_of(x_t), _ptr_of(eps), _ptr_of(out), x_t.shape[0],
-          math.prod(x_t.shape[1:]), t, coefs.recip_sqrt_abar, coefs.sqrt_recip_abar_m1, coefs.mean_x0,
-          coefs.mean_xt, coefs.sigma, int(bool(clip_x0)), _ptr_of(idx), seed, stream, _nthreads())
+          math.prod(x_t.shape[1:]), t, float(coefs.recip_sqrt_abar), float(coefs.sqrt_recip_abar_m1),
+          float(coefs.mean_x0), float(coefs.mean_xt), float(coefs.sigma), int(bool(clip_x0)), _ptr_of(idx), seed, stream, _nthreads())
     return out
