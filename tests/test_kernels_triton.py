@@ -146,6 +146,13 @@ def test_ddpm_reverse_step_matches_reference(tk, t, clip_x0, eps_dtype):
     torch.testing.assert_close(got, ref.ddpm_reverse_step(x_t, eps, **kw), rtol=1e-6, atol=1e-6)  # as Langevin
 
 
+def test_empty_batch(tk):
+    none = torch.zeros(0, dtype=torch.int64)
+    assert tk.normal_noise(none, (3, 4), seed=0, stream=1, step=0).shape == (0, 3, 4)
+    x = torch.zeros(0, 1, 2, 2)
+    assert tk.langevin_update(x, x, drift=0.1, noise_scale=0.1, indices=none, seed=0, stream=1, step=0).shape == x.shape
+
+
 def test_bad_arguments_are_refused(tk):
     x = torch.zeros(2, 1, 2, 2)
     kw = dict(drift=0.1, noise_scale=0.1, seed=0, stream=1, step=0)

@@ -8,6 +8,7 @@ tensors with numpy, about 100x slower than torch: good for tests, not for work.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import torch
 
@@ -18,6 +19,9 @@ def interpreting() -> bool:
     `triton.jit` makes this choice once, when a kernel is decorated, so it must
     already hold when `puregen.kernels.triton_kernels` is first imported.
     """
+    kernels = sys.modules.get("puregen.kernels.triton_kernels")
+    if kernels is not None:  # already decided, whatever the environment says now
+        return kernels.INTERPRETED
     if importlib.util.find_spec("triton") is None:
         return False
     from triton import knobs  # imported here, never at puregen import time
