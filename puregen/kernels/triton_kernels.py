@@ -28,18 +28,29 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 from triton.language.extra import libdevice
 
 from . import philox
 
-INTERPRETED = bool(knobs.runtime.interpret)
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Ask triton.jit itself (the choice it makes for every kernel of this module),
+# rather than re-reading the environment the way one triton version does.
+INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 # On CUDA, tl.log/cos/sin may lower to fast approximate instructions; libdevice's
 # logf/cosf/sinf are the accurate ones (within 1-2 ulp of the CPU libm, which is
 # what the contract allows). The interpreter has no libdevice and uses numpy.
 _LIBDEVICE = tl.constexpr(not INTERPRETED)
 
 _BQ = 256  # Philox blocks per program: 1024 elements
+# No FMA contraction: the kernels round after every multiply and add, as the
+# reference's separate torch ops do, whatever the Triton version's default
+# (3.9 contracts unless told, 3.10 will not).
+_OPTS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -206,7 +217,7 @@ def random_uint32(indices: torch.Tensor, *, seed: int, stream: int, step: int, n
     idx = _prepare_indices(indices, indices.device, indices.numel())
     out = _out_buffer(out, (idx.numel(), num_blocks, 4), idx.device, torch.int64)
     if idx.numel() and num_blocks:
-        _uint32_kernel[_grid(idx.numel(), num_blocks)](idx, out, seed, stream, step, num_blocks, BQ=_BQ)
+        _uint32_kernel[_grid(idx.numel(), num_blocks)](idx, out, seed, stream, step, num_blocks, BQ=_BQ, **_OPTS)
     return out
 
 
@@ -219,7 +230,7 @@ def normal_noise(indices: torch.Tensor, sample_shape: tuple[int, ...], *, seed: 
     out = _out_buffer(out, (idx.numel(), *sample_shape), idx.device)
     numel = math.prod(sample_shape)
     if idx.numel() and numel:
-        _normal_kernel[_grid(idx.numel(), (numel + 3) // 4)](idx, out, seed, stream, step, numel, BQ=_BQ)
+        _normal_kernel[_grid(idx.numel(), (numel + 3) // 4)](idx, out, seed, stream, step, numel, BQ=_BQ, **_OPTS)
     return out
 
 
@@ -237,7 +248,7 @@ def langevin_update(x: torch.Tensor, grad: torch.Tensor, *, drift: float, noise_
     numel = xs[0].numel() if xs.shape[0] else 0
     if xs.numel():
         _langevin_kernel[_grid(xs.shape[0], (numel + 3) // 4)](
-            xs, g, idx, out, float(drift), float(noise_scale), seed, stream, step, numel, BQ=_BQ)
+            xs, g, idx, out, float(drift), float(noise_scale), seed, stream, step, numel, BQ=_BQ, **_OPTS)
     return out
 
 
@@ -253,7 +264,7 @@ def ddpm_forward_noise(x0: torch.Tensor, *, sqrt_alpha_bar: float, sqrt_one_minu
     numel = xs[0].numel() if xs.shape[0] else 0
     if xs.numel():
         _forward_kernel[_grid(xs.shape[0], (numel + 3) // 4)](
-            xs, idx, out, float(sqrt_alpha_bar), float(sqrt_one_minus_alpha_bar), seed, stream, 0, numel, BQ=_BQ)
+            xs, idx, out, float(sqrt_alpha_bar), float(sqrt_one_minus_alpha_bar), seed, stream, 0, numel, BQ=_BQ, **_OPTS)
     return out
 
 
@@ -272,7 +283,7 @@ def ddpm_reverse_step(x_t: torch.Tensor, eps_pred: torch.Tensor, *, t: int, coef
     if xs.numel():
         _reverse_kernel[_grid(xs.shape[0], (numel + 3) // 4)](
             xs, eps, idx, out, coefs.recip_sqrt_abar, coefs.sqrt_recip_abar_m1, coefs.mean_x0, coefs.mean_xt,
-            coefs.sigma, seed, stream, t, numel, CLIP=bool(clip_x0), NOISE=t != 0, BQ=_BQ)
+            coefs.sigma, seed, stream, t, numel, CLIP=bool(clip_x0), NOISE=t != 0, BQ=_BQ, **_OPTS)
     return out
 
 
@@ -333,5 +344,5 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     if xs.numel():
         block = min(triton.next_power_of_2(size), 4096)
         _group_norm_silu_kernel[(n * groups,)](
-            xs, weight.contiguous(), bias.contiguous(), out, hw, c // groups, groups, float(eps), BLOCK=block)
+            xs, weight.contiguous(), bias.contiguous(), out, hw, c // groups, groups, float(eps), BLOCK=block, **_OPTS)
     return out

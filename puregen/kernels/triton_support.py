@@ -8,6 +8,7 @@ tensors with numpy, about 100x slower than torch: good for tests, not for work.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import torch
@@ -24,8 +25,10 @@ def interpreting() -> bool:
         return kernels.INTERPRETED
     if importlib.util.find_spec("triton") is None:
         return False
-    from triton import knobs  # imported here, never at puregen import time
-
+    try:
+        from triton import knobs  # imported here, never at puregen import time (triton >= 3.4)
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
     return bool(knobs.runtime.interpret)
 
 
