@@ -223,3 +223,44 @@ def test_group_norm_silu_op_on_cpu_and_under_compile(tk):
         compiled = torch.compile(lambda t: group_norm_silu(t, norm) * 2.0, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), want * 2.0, rtol=0, atol=0)  # the same CPU kernel runs
     torch.library.opcheck(group_norm_silu_op, (x, w, b, 4, 1e-5))
+
+
+# Compiled (not interpreted) for an H100 ahead of time, in a subprocess since
+# this process's kernels are interpreted: no GPU needed, ptxas ships with triton.
+_AOT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from puregen.kernels import triton_kernels as tk
+
+assert not tk.INTERPRETED
+STEP = {"seed": "u64", "stream": "i32", "step": "i64", "numel": "i32", "BQ": "constexpr"}
+cases = [
+    (tk._normal_kernel, {"idx_ptr": "*i64", "out_ptr": "*fp32", **STEP}, {"BQ": 256}),
+    (tk._langevin_kernel, {"x_ptr": "*fp32", "g_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*fp32",
+                           "drift": "fp32", "noise_scale": "fp32", **STEP}, {"BQ": 256}),
+    (tk._group_norm_silu_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "HW": "i32",
+                                  "CPG": "i32", "groups": "i32", "eps": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
+]
+for fn, sig, const in cases:
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options=tk._OPTS)
+    ptx = k.asm["ptx"]
+    if fn is not tk._group_norm_silu_kernel:  # SiLU's exp may be approximate; the noise's log/cos/sin may not
+        bad = [op for op in ("lg2.approx", "sin.approx", "cos.approx", "ex2.approx") if op in ptx]
+        assert not bad, (fn.__name__, bad)
+    assert "fma.rn.f32" not in ptx, fn.__name__  # no contraction of the step arithmetic
+print("compiled", len(cases))
+"""
+
+
+def test_kernels_compile_for_cuda(tk, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"  # silences 3.9's warning; the kernels ask for no fusion anyway
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]

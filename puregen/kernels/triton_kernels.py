@@ -28,7 +28,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from . import philox
 
@@ -41,10 +40,6 @@ def _probe():
 # Ask triton.jit itself (the choice it makes for every kernel of this module),
 # rather than re-reading the environment the way one triton version does.
 INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
-# On CUDA, tl.log/cos/sin may lower to fast approximate instructions; libdevice's
-# logf/cosf/sinf are the accurate ones (within 1-2 ulp of the CPU libm, which is
-# what the contract allows). The interpreter has no libdevice and uses numpy.
-_LIBDEVICE = tl.constexpr(not INTERPRETED)
 
 _BQ = 256  # Philox blocks per program: 1024 elements
 # No FMA contraction: the kernels round after every multiply and add, as the
@@ -80,14 +75,13 @@ def _interleave4(a, b, c, d):
 
 @triton.jit
 def _box_muller(w_a, w_b):
-    u_a = _uniform(w_a)
-    angle = 6.283185307179586 * _uniform(w_b)
-    if _LIBDEVICE:
-        radius = tl.sqrt_rn(-2.0 * libdevice.log(u_a))
-        return radius * libdevice.cos(angle), radius * libdevice.sin(angle)
-    else:
-        radius = tl.sqrt_rn(-2.0 * tl.log(u_a))
-        return radius * tl.cos(angle), radius * tl.sin(angle)
+    # On NVIDIA, tl.log/cos/sin compile to libdevice's accurate logf/cosf/sinf,
+    # not to approximate instructions (test_kernels_compile_for_cuda checks the
+    # PTX); sqrt_rn is the IEEE square root (tl.sqrt may be approximate).
+    # The interpreter computes them with numpy: a few ulp from torch's.
+    radius = tl.sqrt_rn(-2.0 * tl.log(_uniform(w_a)))
+    angle = 6.283185307179586 * _uniform(w_b)  # 2*pi, rounded to fp32 as torch does
+    return radius * tl.cos(angle), radius * tl.sin(angle)
 
 
 @triton.jit
