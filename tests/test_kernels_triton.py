@@ -146,6 +146,17 @@ def test_ddpm_reverse_step_matches_reference(tk, t, clip_x0, eps_dtype):
     torch.testing.assert_close(got, ref.ddpm_reverse_step(x_t, eps, **kw), rtol=1e-6, atol=1e-6)  # as Langevin
 
 
+def test_ddpm_reverse_step_keeps_nan(tk):
+    # A NaN from the model must surface, not be clipped to +-1 (torch.clamp keeps NaN).
+    x_t, eps = randn(2, 1, 3, 4, seed=9, scale=3.0), randn(2, 1, 3, 4, seed=10)
+    eps[1, 0, 2, 1] = NAN
+    kw = dict(t=3, coefs=ref.ReverseCoefficients(1.25, 0.75, 0.31, 0.64, 0.17), indices=torch.tensor([4, 8]), seed=1,
+              stream=philox.STREAM_DDPM_REVERSE)
+    got = tk.ddpm_reverse_step(x_t, eps, **kw)
+    assert got.isnan().sum() == 1 and got[1, 0, 2, 1].isnan()
+    torch.testing.assert_close(got, ref.ddpm_reverse_step(x_t, eps, **kw), rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
 def test_empty_batch(tk):
     none = torch.zeros(0, dtype=torch.int64)
     assert tk.normal_noise(none, (3, 4), seed=0, stream=1, step=0).shape == (0, 3, 4)
@@ -240,6 +251,9 @@ cases = [
     (tk._normal_kernel, {"idx_ptr": "*i64", "out_ptr": "*fp32", **STEP}, {"BQ": 256}),
     (tk._langevin_kernel, {"x_ptr": "*fp32", "g_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*fp32",
                            "drift": "fp32", "noise_scale": "fp32", **STEP}, {"BQ": 256}),
+    (tk._reverse_kernel, {"xt_ptr": "*fp32", "eps_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*fp32",
+                          **{k: "fp32" for k in ("recip_sqrt_abar", "sqrt_recip_abar_m1", "mean_x0", "mean_xt", "sigma")},
+                          **STEP, "CLIP": "constexpr", "NOISE": "constexpr"}, {"CLIP": True, "NOISE": True, "BQ": 256}),
     (tk._group_norm_silu_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "HW": "i32",
                                   "CPG": "i32", "groups": "i32", "eps": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
 ]

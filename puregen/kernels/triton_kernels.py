@@ -99,7 +99,8 @@ def _normals(seed, stream, step, idx_ptr, numel, BQ: tl.constexpr):
     return z, offs, elem < numel
 
 
-# The seed, step and stream change between launches: no recompilation for them.
+# The seed, step and stream change between launches: no new compilation when one
+# of them happens to be 1 or a multiple of 16 (Triton specializes such ints).
 _NO_SPEC = ["seed", "stream", "step"]
 
 
@@ -121,7 +122,7 @@ def _normal_kernel(idx_ptr, out_ptr, seed, stream, step, numel, BQ: tl.constexpr
     tl.store(out_ptr + offs, z, mask=mask)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC + ["drift", "noise_scale"])
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _langevin_kernel(x_ptr, g_ptr, idx_ptr, out_ptr, drift, noise_scale, seed, stream, step, numel,
                      BQ: tl.constexpr):
     z, offs, mask = _normals(seed, stream, step, idx_ptr, numel, BQ)
@@ -130,14 +131,14 @@ def _langevin_kernel(x_ptr, g_ptr, idx_ptr, out_ptr, drift, noise_scale, seed, s
     tl.store(out_ptr + offs, x - drift * g + noise_scale * z, mask=mask)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC + ["a", "b"])
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _forward_kernel(x_ptr, idx_ptr, out_ptr, a, b, seed, stream, step, numel, BQ: tl.constexpr):
     z, offs, mask = _normals(seed, stream, step, idx_ptr, numel, BQ)
     x = tl.load(x_ptr + offs, mask=mask)
     tl.store(out_ptr + offs, a * x + b * z, mask=mask)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC + ["recip_sqrt_abar", "sqrt_recip_abar_m1", "mean_x0", "mean_xt", "sigma"])
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _reverse_kernel(xt_ptr, eps_ptr, idx_ptr, out_ptr, recip_sqrt_abar, sqrt_recip_abar_m1, mean_x0, mean_xt,
                     sigma, seed, stream, step, numel, CLIP: tl.constexpr, NOISE: tl.constexpr, BQ: tl.constexpr):
     if NOISE:
@@ -150,7 +151,7 @@ def _reverse_kernel(xt_ptr, eps_ptr, idx_ptr, out_ptr, recip_sqrt_abar, sqrt_rec
     eps = tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
     x0 = recip_sqrt_abar * xt - sqrt_recip_abar_m1 * eps
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        x0 = tl.clamp(x0, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.clamp
     y = mean_x0 * x0 + mean_xt * xt
     if NOISE:
         y = y + sigma * z
@@ -175,8 +176,10 @@ def _check_noise_args(indices: torch.Tensor, seed: int, stream: int, step: int) 
         raise ValueError(f"stream {stream} out of range")
     if not 0 <= step <= philox.MASK32:
         raise ValueError(f"step {step} out of range")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) > philox.MAX_SAMPLE_INDEX):
-        raise ValueError("sample indices must lie in [0, 2**48)")
+    if indices.numel():
+        lo, hi = (int(v) for v in torch.aminmax(indices.to(torch.int64)))  # one device sync, not two
+        if lo < 0 or hi > philox.MAX_SAMPLE_INDEX:
+            raise ValueError("sample indices must lie in [0, 2**48)")
 
 
 def _prepare_indices(indices: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:
