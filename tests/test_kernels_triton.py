@@ -114,6 +114,16 @@ def test_langevin_update_matches_reference(tk, grad_dtype, indices):
     torch.testing.assert_close(got, ref.langevin_update(x, grad, **kw), rtol=1e-6, atol=1e-6)
 
 
+def test_langevin_update_in_place(tk):
+    # out=x: every program reads its elements before writing the same ones.
+    x, grad = randn(3, 2, 33, 17, seed=11), randn(3, 2, 33, 17, seed=12)  # 1122 elements: two programs a sample
+    kw = dict(drift=0.02, noise_scale=0.3, indices=torch.tensor([3, 1, 2]), seed=8, stream=1, step=5)
+    want = ref.langevin_update(x, grad, **kw)
+    got = tk.langevin_update(x, grad, out=x, **kw)
+    assert got.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # as above
+
+
 def test_langevin_update_channels_last(tk):
     # Elements are numbered in NCHW order whatever the memory format.
     x, grad = randn(3, 4, 6, 5, seed=3), randn(3, 4, 6, 5, seed=4)

@@ -234,7 +234,10 @@ def normal_noise(indices: torch.Tensor, sample_shape: tuple[int, ...], *, seed: 
 def langevin_update(x: torch.Tensor, grad: torch.Tensor, *, drift: float, noise_scale: float,
                     indices: torch.Tensor, seed: int, stream: int, step: int,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x - drift * grad + noise_scale * n`` in fp32 (grad may be bf16/fp16), as `reference.langevin_update`."""
+    """``x - drift * grad + noise_scale * n`` in fp32 (grad may be bf16/fp16), as `reference.langevin_update`.
+
+    ``out=x`` (x fp32 and contiguous) updates x in place: each element is read before it is written.
+    """
     _check_device(x)
     _check_noise_args(indices, seed, stream, step)
     if grad.shape != x.shape:
