@@ -16,9 +16,11 @@ the noise contract of `philox.py` to the bit in the integer stream:
   sample), so the four words of a call become four adjacent outputs and the
   loads and stores stay contiguous.
 
-`triton.jit` decides when this module is imported whether kernels are compiled
-(CUDA) or interpreted (``TRITON_INTERPRET=1``, CPU tensors); `INTERPRETED`
-records that choice and the wrappers refuse tensors the choice cannot serve.
+`triton.jit` decides when a function is decorated whether it is compiled (CUDA)
+or interpreted (``TRITON_INTERPRET=1``, CPU tensors): for Triton's own helpers
+(``tl.zeros``, ``tl.sum``, ``tl.philox``) that is when triton is first
+imported, so the variable must be set before anything imports triton.
+`INTERPRETED` records the choice; the wrappers refuse tensors it cannot serve.
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ def _probe():
     pass
 
 
-# Ask triton.jit itself (the choice it makes for every kernel of this module),
-# rather than re-reading the environment the way one triton version does.
+# Ask triton.jit itself (the choice it makes for this module's kernels and made
+# for Triton's helpers), rather than re-reading the environment.
 INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+if INTERPRETED != (type(tl.zeros).__name__ == "InterpretedFunction"):
+    raise ImportError(
+        "TRITON_INTERPRET changed between the first import of triton and this import: "
+        "interpreted kernels cannot call compiled Triton helpers (or the reverse); set it before importing triton"
+    )
 
 _BQ = 256  # Philox blocks per program: 1024 elements
 # No FMA contraction: the kernels round after every multiply and add, as the
@@ -164,8 +171,8 @@ def _reverse_kernel(xt_ptr, eps_ptr, idx_ptr, out_ptr, recip_sqrt_abar, sqrt_rec
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
-            "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "puregen.kernels.triton_kernels is first imported (CPU tensors, interpreter)"
+            "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton "
+            "is first imported in the process (CPU tensors, interpreter)"
         )
 
 

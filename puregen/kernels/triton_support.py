@@ -17,12 +17,14 @@ import torch
 def interpreting() -> bool:
     """Whether triton is in interpreter mode (``TRITON_INTERPRET``, read the way triton reads it).
 
-    `triton.jit` makes this choice once, when a kernel is decorated, so it must
-    already hold when `puregen.kernels.triton_kernels` is first imported.
+    `triton.jit` makes this choice once, when a function is decorated (Triton's
+    own helpers: when triton is first imported), so the variable must be set
+    before anything imports triton.
     """
-    kernels = sys.modules.get("puregen.kernels.triton_kernels")
-    if kernels is not None:  # already decided, whatever the environment says now
-        return kernels.INTERPRETED
+    if "triton.language" in sys.modules:  # already decided, whatever the environment says now
+        import triton.language as tl
+
+        return type(tl.zeros).__name__ == "InterpretedFunction"
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -39,7 +41,8 @@ def unavailable_reason() -> str | None:
     if interpreting():
         return None
     if not torch.cuda.is_available():
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors in Triton's interpreter)"
+        return ("no CUDA device (set TRITON_INTERPRET=1 before triton is first imported to run the kernels "
+                "on CPU tensors in Triton's interpreter)")
     return None
 
 
