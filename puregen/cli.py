@@ -89,16 +89,27 @@ def _add_info(sub) -> None:
 
 
 def _cmd_info(args) -> int:
+    import torch
+
     from .engine.provenance import run_provenance
 
     info = run_provenance()
+    from .engine.fastpath import cpu_has_native_bf16, resolve_precision
+    from .kernels import dispatch
+
     info["backends"] = {
-        "torch": "available (fp32 eager, the reference)",
-        "compiled": "not yet implemented",
-        "onnxruntime": "available" if "onnxruntime" in info["versions"] else "not installed",
-        "tensorrt": "not available",
+        "torch": "available (eager; in fp32 the reference)",
+        "compiled": "available (torch.compile of the network evaluations, eager fallback if compilation fails)",
+        "onnxruntime": "not yet implemented" + (" (onnxruntime is installed)" if "onnxruntime" in info["versions"] else ""),
+        "tensorrt": "not yet implemented (not installed)",
     }
-    info["kernels"] = "reference (pure torch); native and Triton kernels not built"
+    info["precision"] = {
+        "auto on cpu": resolve_precision("auto", torch.device("cpu")),
+        "cpu native bf16": cpu_has_native_bf16(),
+    }
+    if torch.cuda.is_available():
+        info["precision"]["auto on cuda"] = resolve_precision("auto", torch.device("cuda"))
+    info["kernels"] = dispatch.describe()
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK

@@ -117,6 +117,8 @@ def test_fast_paths_are_batch_invariant(tiny_checkpoints, backend, precision):
 def real_images():
     from puregen.evaluation.datasets import load_fashion_mnist
 
+    if not FASHION_MNIST.is_dir():
+        pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST} (set PUREGEN_FASHION_MNIST to its directory)")
     return load_fashion_mnist(FASHION_MNIST, "test").images[:8]
 
 

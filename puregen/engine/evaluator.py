@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..kernels.dispatch import implementation_name
 from .fastpath import LazyCompiled, autocast_for, resolve_precision
 
 BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
@@ -105,9 +106,8 @@ class TorchEvaluator:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    @staticmethod
-    def _maybe_compile(fn, name: str, compile: bool):
-        return LazyCompiled(fn, name=name) if compile else fn
+    def _maybe_compile(self, fn, name: str, compile: bool):
+        return LazyCompiled(fn, name=name, cuda_graphs=self.device.type == "cuda") if compile else fn
 
     def _need(self, model: nn.Module | None, what: str) -> nn.Module:
         if model is None:
@@ -164,6 +164,8 @@ class TorchEvaluator:
             "precision": self.precision,
             "micro_batch": self.micro_batch,
             "device": str(self.device),
+            # The update kernels' Gaussians differ by a few ulp between implementations.
+            "kernels": implementation_name(self.device),
         }
         if self.channels_last:
             info["channels_last"] = True

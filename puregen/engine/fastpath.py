@@ -60,9 +60,12 @@ class LazyCompiled:
     lacks them still purifies, eagerly, and `describe()` says so.
     """
 
-    def __init__(self, fn: Callable, *, name: str):
+    def __init__(self, fn: Callable, *, name: str, cuda_graphs: bool = False):
         self.eager = fn
         self.name = name
+        # On a GPU, "reduce-overhead" replays the step's kernels as a CUDA graph.
+        self.mode = "reduce-overhead" if cuda_graphs else None
+        self.cuda_graphs = cuda_graphs
         self._compiled: Callable | None = None
         self.fallback_reason: str | None = None
 
@@ -71,8 +74,10 @@ class LazyCompiled:
             try:
                 if self._compiled is None:
                     # Micro-batches have one fixed shape, so a static graph is compiled once.
-                    self._compiled = torch.compile(self.eager, dynamic=False, fullgraph=False)
-                return self._compiled(*args)
+                    self._compiled = torch.compile(self.eager, dynamic=False, fullgraph=False, mode=self.mode)
+                out = self._compiled(*args)
+                # A CUDA graph's outputs are overwritten by its next replay: the caller keeps a copy.
+                return out.clone() if self.cuda_graphs else out
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
                 self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 warnings.warn(

@@ -3,7 +3,9 @@
 The image state is fp32 throughout; the networks only supply `grad_x G` or the
 epsilon prediction. Each function draws its noise through the kernels' Philox
 contract, keyed by the samples' global indices, so results do not depend on
-the batch a sample was processed in.
+the batch a sample was processed in. The update steps run on the fused
+kernels that `kernels.dispatch` picks for the device (native C++ on CPU,
+Triton on CUDA, the torch reference otherwise).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from ..config import DiffusionConfig, LangevinConfig
 from ..kernels import philox
-from ..kernels.reference import ddpm_forward_noise, ddpm_reverse_step, langevin_update
+from ..kernels.dispatch import ddpm_forward_noise, ddpm_reverse_step, langevin_update
 from .schedule import DDPMSchedule
 
 StepCallback = Callable[[int], None]
