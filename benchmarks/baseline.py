@@ -20,39 +20,14 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from puregen.api import load_purifier
+from puregen.bench.measure import conv_ceiling, test_images
 from puregen.engine.provenance import run_provenance
 from puregen.models import ebm as ebm_module
 from puregen.models import unet as unet_module
 
 PUBLISHED_SECONDS_CIFAR10 = {"ebm": 923.0, "ddpm": 4181.0}  # PureGen on a TPU, 50,000 images
-
-
-def conv_ceiling(dtype=torch.float32, repeats: int = 10) -> float:
-    """FLOP/s of a 3x3, 128->128 convolution, batch 64, 32x32, channels_last (median of `repeats`)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 128, 32, 32, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(128, 128, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    flops = 2 * 64 * 128 * 128 * 9 * 32 * 32
-    with torch.no_grad():
-        F.conv2d(x, w, padding=1)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            F.conv2d(x, w, padding=1)
-            times.append(time.perf_counter() - t0)
-    return flops / statistics.median(times)
-
-
-def test_images(n: int, seed: int) -> np.ndarray:
-    """Non-constant uint8 32x32x3 images (smooth noise with a colour ramp)."""
-    rng = np.random.default_rng(seed)
-    noise = rng.random((n, 36, 36, 3))
-    blur = sum(noise[:, i : i + 32, j : j + 32] for i in range(5) for j in range(5)) / 25
-    ramp = np.linspace(0, 1, 32)[None, None, :, None] * np.array([1.0, 0.5, 0.2])
-    return np.clip((2.4 * (blur - 0.5) + 0.5 * ramp + 0.3) * 255, 0, 255).round().astype(np.uint8)
 
 
 def flops_per_image(method: str, steps: int, t_star: int) -> float:

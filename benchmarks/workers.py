@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.baseline import conv_ceiling
+from puregen.bench.measure import conv_ceiling
 from puregen.engine.factory import load_purifier
 from puregen.engine.workers import purify_in_workers
 from puregen.evaluation.datasets import default_fashion_mnist_root, load_fashion_mnist
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     images = load_fashion_mnist(default_fashion_mnist_root(), "test").images[: args.images]
-    ceiling = conv_ceiling(torch.float32)
+    ceiling = conv_ceiling("fp32")
     rows = []
     for method, overrides, steps in (("ebm", {"steps": args.ebm_steps}, args.ebm_steps),
                                      ("ddpm", {"t_star": args.t_star}, args.t_star)):
