@@ -105,8 +105,8 @@ def _library() -> ctypes.CDLL:
 
 
 def _call(name: str, *args) -> None:
-    # numpy / 0-dim tensor integers become Python ints (ctypes takes only those)
-    args = [int(a) if not isinstance(a, (int, float, type(None))) else a for a in args]
+    # numpy and 0-dim tensor scalars become Python ints or floats (ctypes takes only those)
+    args = [a if isinstance(a, (int, float, type(None))) else a.item() for a in args]
     status = getattr(_library(), name)(*args)
     if status:
         raise ValueError(f"{name}: {_STATUS.get(status, f'error {status}')}")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.group_norm_silu import group_norm_silu
+
 __all__ = [
     "SUPPORTED_DOWN_BLOCKS",
     "SUPPORTED_UP_BLOCKS",
@@ -46,6 +48,23 @@ __all__ = [
 SUPPORTED_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 DIFFUSERS_CLASS_NAME = "UNet2DModel"
+
+
+# On CUDA, inference runs GroupNorm + SiLU as one fused Triton kernel (the
+# `puregen::group_norm_silu` op); training and CPU keep the unfused ops (the op
+# has no autograd, and on CPU its implementation is those same ops).
+FUSED_NORM_SILU_ON_CUDA = True
+
+
+def _fused_norm_silu_applies(x: Tensor) -> bool:
+    return FUSED_NORM_SILU_ON_CUDA and x.is_cuda and not torch.is_grad_enabled()
+
+
+def norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """``silu(norm(x))``, fused on CUDA at inference."""
+    if _fused_norm_silu_applies(x):
+        return group_norm_silu(x, norm)
+    return F.silu(norm(x))
 
 
 # --------------------------------------------------------------------------
@@ -373,9 +392,9 @@ class ResBlock(nn.Module):
         self.output_scale_factor = float(output_scale_factor)
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(x, self.norm1))
         h = h + self.time_emb_proj(temb_act)[:, :, None, None]
-        h = F.silu(self.norm2(h))
+        h = norm_silu(h, self.norm2)
         if self.dropout > 0.0:
             h = F.dropout(h, self.dropout, self.training)
         h = self.conv2(h)
@@ -639,7 +658,7 @@ class UNet2D(nn.Module):
         h = self.mid_block(h, temb_act)
         for block in self.up_blocks:
             h = block(h, temb_act, skips)
-        h = F.silu(self.conv_norm_out(h))
+        h = norm_silu(h, self.conv_norm_out)
         return self.conv_out(h)
 
 
