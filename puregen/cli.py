@@ -253,6 +253,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--t-star", type=int, help="DDPM diffusion depth (default 75, the published value)")
     p.add_argument("--ebm", metavar="CKPT", help="EBM checkpoint folder (default: the shipped EBM)")
     p.add_argument("--ddpm", metavar="CKPT", help="DDPM checkpoint folder (default: the shipped DDPM)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="network precision for purification (default fp32, the reference; bf16 is about 2x faster)")
+    p.add_argument("--backend", default="torch", choices=("torch", "compiled"),
+                   help="network evaluation for purification (default torch, eager)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the main process (default 2)")
     p.add_argument("--workers", type=int, default=2,
                    help="1-thread processes for the DDPM purification (default 2; 1 runs it in this process)")
@@ -270,7 +274,8 @@ def _cmd_demo(args) -> int:
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     cfg = DemoConfig(data=Path(args.data) if args.data else default_fashion_mnist_root(), out=Path(args.out),
-                     threads=args.threads, workers=args.workers, progress=not args.no_progress)
+                     threads=args.threads, workers=args.workers, progress=not args.no_progress,
+                     precision=args.precision, backend=args.backend)
     changes = {"subset": args.subset, "trigger": args.trigger, "amplify": args.amplify,
                "ebm_steps": args.ebm_steps, "ddpm_t_star": args.t_star,
                "ebm": Path(args.ebm) if args.ebm else None, "ddpm": Path(args.ddpm) if args.ddpm else None}

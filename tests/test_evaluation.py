@@ -299,3 +299,19 @@ def test_demo_with_a_missing_ebm_checkpoint_exits_2_naming_it(tmp_path):
             "--subset", 100, "--no-progress")
     assert r.returncode == 2, r.stderr
     assert "no-such-ebm" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_purifies_with_the_asked_precision_and_caches_it_apart(tmp_path):
+    from puregen.evaluation.demo import DemoConfig, cached_purification
+
+    from .conftest import smooth_images
+
+    images = smooth_images(6, seed=4)
+    cfg = DemoConfig(data=tmp_path, out=tmp_path / "out", workers=1, progress=False)
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        options = {"micro_batch": 8, "precision": precision, "backend": "torch", "steps": 3}
+        outs[precision] = cached_purification("ebm", options, images, cfg, threads=2)
+    assert len(list((tmp_path / "out" / "purified").glob("ebm-*.npz"))) == 2  # one cache entry per precision
+    diff = np.abs(outs["fp32"].astype(int) - outs["bf16"].astype(int))
+    assert 0 < diff.max() and diff.mean() <= 1.0  # bf16 changes some bytes, within the fast paths' bound
