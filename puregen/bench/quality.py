@@ -8,8 +8,6 @@ no NaN in the fp32 state before it is rounded.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
@@ -17,18 +15,11 @@ from ..config import method_config
 from ..data.convert import from_model_space, to_model_space
 from ..engine.evaluator import TorchEvaluator
 from ..engine.samplers import diffuse_denoise, langevin
+from .throughput import Mode as FastPath
 
 MAX_MEAN_LEVELS = 1.0
 MIN_WITHIN_2 = 0.99
 HISTOGRAM_EDGES = (0, 1, 2, 3, 5, 9, 17, 256)  # |difference| in levels: 0, 1, 2, 3-4, 5-8, 9-16, 17+
-
-
-@dataclasses.dataclass(frozen=True)
-class FastPath:
-    name: str
-    precision: str
-    compile: bool
-    channels_last: bool
 
 
 def default_fast_paths(device: torch.device) -> list[FastPath]:

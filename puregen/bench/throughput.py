@@ -43,6 +43,8 @@ PUBLISHED_IMAGES_PER_SECOND = {"ebm": 50_000 / 923.0, "ddpm": 50_000 / 4181.0}
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
+    """One way of evaluating the networks: what the benchmarks and the quality bound compare."""
+
     name: str
     precision: str
     compile: bool
