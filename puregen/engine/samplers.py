@@ -16,7 +16,7 @@ import torch
 
 from ..config import DiffusionConfig, LangevinConfig
 from ..kernels import philox
-from ..kernels.dispatch import ddpm_forward_noise, ddpm_reverse_step, langevin_update
+from ..kernels.dispatch import kernels_for
 from .schedule import DDPMSchedule
 
 StepCallback = Callable[[int], None]
@@ -42,9 +42,10 @@ def langevin(
     """EBM Langevin: ``x <- x - eps^2/(2 temp) grad_x G(x) + eps n``; no clamping inside the loop."""
     stream = philox.stage_stream(philox.STREAM_EBM, repetition)
     x = x.to(torch.float32)
+    kernels = kernels_for(x.device)
     for step in range(cfg.steps if steps is None else steps):
         grad = evaluator.energy_grad(x)
-        x = langevin_update(
+        x = kernels.langevin_update(
             x, grad, drift=cfg.drift, noise_scale=cfg.eps, indices=indices, seed=seed, stream=stream, step=step
         )
         if on_step is not None:
@@ -67,7 +68,8 @@ def diffuse_denoise(
     schedule = DDPMSchedule(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
     t_star = cfg.t_star if t_star is None else t_star
     sqrt_abar, sqrt_one_minus = schedule.forward_coefficients(t_star)
-    x = ddpm_forward_noise(
+    kernels = kernels_for(x0.device)
+    x = kernels.ddpm_forward_noise(
         x0.to(torch.float32),
         sqrt_alpha_bar=sqrt_abar,
         sqrt_one_minus_alpha_bar=sqrt_one_minus,
@@ -78,7 +80,7 @@ def diffuse_denoise(
     reverse_stream = philox.stage_stream(philox.STREAM_DDPM_REVERSE, repetition)
     for t in range(t_star - 1, -1, -1):
         eps = evaluator.epsilon(x, t)
-        x = ddpm_reverse_step(
+        x = kernels.ddpm_reverse_step(
             x,
             eps,
             t=t,

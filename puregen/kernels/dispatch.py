@@ -53,25 +53,18 @@ def implementation_name(device: torch.device | str) -> str:
     return "native" if native.available() else "reference"
 
 
-def _module(device: torch.device) -> ModuleType:
+def kernels_for(device: torch.device | str) -> ModuleType:
+    """The module whose `langevin_update`, `ddpm_forward_noise` and `ddpm_reverse_step` run on `device`.
+
+    Resolve it once per purification stage, not per step: the choice reads the
+    environment and probes the libraries.
+    """
     name = implementation_name(device)
     if name == "triton":
         from . import triton_kernels
 
         return triton_kernels
     return native if name == "native" else reference
-
-
-def langevin_update(x: torch.Tensor, grad: torch.Tensor, **kwargs) -> torch.Tensor:
-    return _module(x.device).langevin_update(x, grad, **kwargs)
-
-
-def ddpm_forward_noise(x0: torch.Tensor, **kwargs) -> torch.Tensor:
-    return _module(x0.device).ddpm_forward_noise(x0, **kwargs)
-
-
-def ddpm_reverse_step(x_t: torch.Tensor, eps_pred: torch.Tensor, **kwargs) -> torch.Tensor:
-    return _module(x_t.device).ddpm_reverse_step(x_t, eps_pred, **kwargs)
 
 
 def describe() -> dict:
