@@ -129,13 +129,8 @@ def _check_args(indices: torch.Tensor, batch: int | None, seed: int, stream: int
     if batch is not None and indices.shape[0] != batch:
         raise ValueError(f"indices has {indices.shape[0]} entries for a batch of {batch}")
     philox.seed_to_key(seed)
-    if not 0 <= stream <= philox.MAX_STREAM:
-        raise ValueError(f"stream {stream} out of range (0..{philox.MAX_STREAM})")
-    if not 0 <= step <= philox.MASK32:
-        raise ValueError(f"step {step} out of range")
     idx = indices.to(torch.int64).contiguous()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > philox.MAX_SAMPLE_INDEX):
-        raise ValueError("sample indices must lie in [0, 2**48)")
+    philox.check_counter_args(stream, step, idx)
     return idx
 
 

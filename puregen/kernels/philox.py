@@ -93,15 +93,22 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def counter_words(indices: torch.Tensor, step: int, stream: int, num_blocks: int):
-    """The four counter words for each (sample, block) pair: shapes (B, blocks)."""
+def check_counter_args(stream: int, step: int, indices: torch.Tensor) -> None:
+    """The counter layout's limits, shared by every implementation: stream, step and sample indices."""
     if not 0 <= stream <= MAX_STREAM:
-        raise ValueError(f"stream {stream} out of range")
+        raise ValueError(f"stream {stream} out of range (0..{MAX_STREAM})")
     if not 0 <= step <= MASK32:
         raise ValueError(f"step {step} out of range")
+    if indices.numel():
+        lo, hi = (int(v) for v in torch.aminmax(indices.to(torch.int64)))  # one device sync, not two
+        if lo < 0 or hi > MAX_SAMPLE_INDEX:
+            raise ValueError("sample indices must lie in [0, 2**48)")
+
+
+def counter_words(indices: torch.Tensor, step: int, stream: int, num_blocks: int):
+    """The four counter words for each (sample, block) pair: shapes (B, blocks)."""
+    check_counter_args(stream, step, indices)
     idx = indices.to(torch.int64).reshape(-1, 1)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > MAX_SAMPLE_INDEX):
-        raise ValueError("sample indices must lie in [0, 2**48)")
     blocks = torch.arange(num_blocks, dtype=torch.int64, device=idx.device).reshape(1, -1)
     c0 = blocks.expand(idx.shape[0], num_blocks)
     c1 = torch.full_like(c0, step)

@@ -177,16 +177,9 @@ def _check_device(t: torch.Tensor) -> None:
 
 
 def _check_noise_args(indices: torch.Tensor, seed: int, stream: int, step: int) -> None:
-    # Same refusals as the reference (philox.counter_words / seed_to_key).
+    # Same refusals as the reference.
     philox.seed_to_key(seed)
-    if not 0 <= stream <= philox.MAX_STREAM:
-        raise ValueError(f"stream {stream} out of range")
-    if not 0 <= step <= philox.MASK32:
-        raise ValueError(f"step {step} out of range")
-    if indices.numel():
-        lo, hi = (int(v) for v in torch.aminmax(indices.to(torch.int64)))  # one device sync, not two
-        if lo < 0 or hi > philox.MAX_SAMPLE_INDEX:
-            raise ValueError("sample indices must lie in [0, 2**48)")
+    philox.check_counter_args(stream, step, indices)
 
 
 def _prepare_indices(indices: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:
