@@ -206,6 +206,18 @@ def _grid(batch: int, num_blocks: int):
     return (batch, triton.cdiv(num_blocks, _BQ))
 
 
+def _step_buffers(x: torch.Tensor, indices: torch.Tensor, seed: int, stream: int, step: int,
+                  out: torch.Tensor | None):
+    """What every update step launches with: the fp32 state, its indices, the output and the per-sample numel."""
+    _check_device(x)
+    _check_noise_args(indices, seed, stream, step)
+    xs = _state(x)
+    idx = _prepare_indices(indices, x.device, x.shape[0])
+    out = _out_buffer(out, x.shape, x.device)
+    numel = xs[0].numel() if xs.shape[0] else 0
+    return xs, idx, out, numel
+
+
 def random_uint32(indices: torch.Tensor, *, seed: int, stream: int, step: int, num_blocks: int,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, num_blocks, 4) int64 tensor of uint32 words, as `philox.random_uint32`."""
@@ -238,14 +250,10 @@ def langevin_update(x: torch.Tensor, grad: torch.Tensor, *, drift: float, noise_
 
     ``out=x`` (x fp32 and contiguous) updates x in place: each element is read before it is written.
     """
-    _check_device(x)
-    _check_noise_args(indices, seed, stream, step)
+    xs, idx, out, numel = _step_buffers(x, indices, seed, stream, step, out)
     if grad.shape != x.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} != x shape {tuple(x.shape)}")
-    xs, g = _state(x), grad.contiguous()
-    idx = _prepare_indices(indices, x.device, x.shape[0])
-    out = _out_buffer(out, x.shape, x.device)
-    numel = xs[0].numel() if xs.shape[0] else 0
+    g = grad.contiguous()
     if xs.numel():
         _langevin_kernel[_grid(xs.shape[0], (numel + 3) // 4)](
             xs, g, idx, out, float(drift), float(noise_scale), seed, stream, step, numel, BQ=_BQ, **_OPTS)
@@ -256,12 +264,7 @@ def ddpm_forward_noise(x0: torch.Tensor, *, sqrt_alpha_bar: float, sqrt_one_minu
                        indices: torch.Tensor, seed: int, stream: int,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """``sqrt(abar) x0 + sqrt(1 - abar) n`` with noise step 0, as `reference.ddpm_forward_noise`."""
-    _check_device(x0)
-    _check_noise_args(indices, seed, stream, 0)
-    xs = _state(x0)
-    idx = _prepare_indices(indices, x0.device, x0.shape[0])
-    out = _out_buffer(out, x0.shape, x0.device)
-    numel = xs[0].numel() if xs.shape[0] else 0
+    xs, idx, out, numel = _step_buffers(x0, indices, seed, stream, 0, out)
     if xs.numel():
         _forward_kernel[_grid(xs.shape[0], (numel + 3) // 4)](
             xs, idx, out, float(sqrt_alpha_bar), float(sqrt_one_minus_alpha_bar), seed, stream, 0, numel, BQ=_BQ, **_OPTS)
@@ -272,14 +275,10 @@ def ddpm_reverse_step(x_t: torch.Tensor, eps_pred: torch.Tensor, *, t: int, coef
                       seed: int, stream: int, clip_x0: bool = True,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """One ancestral step t -> t-1 (noise step t, none at t == 0), as `reference.ddpm_reverse_step`."""
-    _check_device(x_t)
-    _check_noise_args(indices, seed, stream, t)
+    xs, idx, out, numel = _step_buffers(x_t, indices, seed, stream, t, out)
     if eps_pred.shape != x_t.shape:
         raise ValueError(f"eps_pred shape {tuple(eps_pred.shape)} != x_t shape {tuple(x_t.shape)}")
-    xs, eps = _state(x_t), eps_pred.contiguous()
-    idx = _prepare_indices(indices, x_t.device, x_t.shape[0])
-    out = _out_buffer(out, x_t.shape, x_t.device)
-    numel = xs[0].numel() if xs.shape[0] else 0
+    eps = eps_pred.contiguous()
     if xs.numel():
         _reverse_kernel[_grid(xs.shape[0], (numel + 3) // 4)](
             xs, eps, idx, out, coefs.recip_sqrt_abar, coefs.sqrt_recip_abar_m1, coefs.mean_x0, coefs.mean_xt,
