@@ -13,7 +13,6 @@ import torch
 
 from ..config import method_config
 from ..data.convert import from_model_space, to_model_space
-from ..engine.evaluator import TorchEvaluator
 from ..engine.samplers import diffuse_denoise, langevin
 from .throughput import Mode as FastPath
 
@@ -37,10 +36,7 @@ def purify_float(method: str, ebm, unet, path: FastPath, images_u8: np.ndarray, 
                  device: torch.device, steps: int | None = None, t_star: int | None = None) -> torch.Tensor:
     """The purified fp32 state (model space, before rounding) under one evaluation mode."""
     cfg = method_config(method, "paper", steps=steps, t_star=t_star)
-    evaluator = TorchEvaluator(
-        ebm, unet, device=device, micro_batch=micro_batch, precision=path.precision,
-        channels_last=path.channels_last, compile=path.compile,
-    )
+    evaluator = path.evaluator(ebm, unet, device=device, micro_batch=micro_batch)
     x = to_model_space(torch.from_numpy(images_u8).to(device))
     idx = torch.arange(len(images_u8), dtype=torch.int64)
     if method == "ebm":

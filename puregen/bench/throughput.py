@@ -25,9 +25,8 @@ import torch
 
 from ..config import method_config
 from ..data.convert import to_model_space
-from ..engine.evaluator import TorchEvaluator
+from ..engine.evaluator import TorchEvaluator, check_backend
 from ..engine.factory import pin_threads, resolve_device
-from ..engine.fastpath import resolve_precision
 from ..engine.samplers import diffuse_denoise, langevin
 from ..engine.provenance import run_provenance
 from ..errors import InputError
@@ -50,6 +49,10 @@ class Mode:
     compile: bool
     channels_last: bool
 
+    def evaluator(self, ebm, unet, *, device, micro_batch: int) -> TorchEvaluator:
+        return TorchEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision,
+                              channels_last=self.channels_last, compile=self.compile)
+
 
 def bench_model(method: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """The network to time and its image shape (height, width, channels)."""
@@ -68,11 +71,9 @@ def bench_model(method: str, preset: str, checkpoint: str | None) -> tuple[torch
     return model, (size, size, cfg.in_channels)
 
 
-def _evaluator(method, model, mode: Mode, device, micro_batch) -> TorchEvaluator:
-    return TorchEvaluator(
-        model if method == "ebm" else None, model if method == "ddpm" else None, device=device,
-        micro_batch=micro_batch, precision=mode.precision, channels_last=mode.channels_last, compile=mode.compile,
-    )
+def _networks(method: str, model) -> tuple:
+    """(ebm, unet) for the evaluator of `method`."""
+    return (model, None) if method == "ebm" else (None, model)
 
 
 def step_flops(method, model, x, device, micro_batch) -> int:
@@ -81,7 +82,8 @@ def step_flops(method, model, x, device, micro_batch) -> int:
     Compiled code calls fused kernels that a dispatch-level counter cannot see;
     it does the same arithmetic, so every mode is credited with these FLOPs.
     """
-    evaluator = _evaluator(method, model, Mode("count", "fp32", False, False), device, micro_batch)
+    evaluator = Mode("count", "fp32", False, False).evaluator(*_networks(method, model), device=device,
+                                                              micro_batch=micro_batch)
     if method == "ebm":
         return counted_flops(lambda: evaluator.energy_grad(x))
     return counted_flops(lambda: evaluator.epsilon(x, 10))
@@ -89,7 +91,7 @@ def step_flops(method, model, x, device, micro_batch) -> int:
 
 def time_mode(method, model, mode: Mode, x, *, flop_per_step, device, micro_batch, timed_steps, repeats) -> dict:
     cfg = method_config(method, "paper")
-    evaluator = _evaluator(method, model, mode, device, micro_batch)
+    evaluator = mode.evaluator(*_networks(method, model), device=device, micro_batch=micro_batch)
     idx = torch.arange(x.shape[0], dtype=torch.int64)
     if method == "ebm":
         run = lambda: langevin(x, evaluator, cfg.langevin, steps=timed_steps, indices=idx, seed=0)  # noqa: E731
@@ -131,13 +133,11 @@ def run_bench(
 ) -> dict:
     if method not in ("ebm", "ddpm"):
         raise InputError(f"bench --method must be ebm or ddpm, got {method!r}")
-    if backend not in ("torch", "compiled"):
-        raise InputError(f"bench --backend {backend!r} is not available; use torch or compiled")
     if min(batch, micro_batch, timed_steps, repeats) < 1:
         raise InputError("--batch, --micro-batch, --timed-steps and --repeats must be >= 1")
     dev = resolve_device(device)
     threads = pin_threads(threads)
-    fast_precision = resolve_precision(precision, dev)
+    fast_precision = check_backend(backend, precision, dev)
     model, (h, w, c) = bench_model(method, preset, checkpoint)
     x = to_model_space(torch.from_numpy(test_images(batch, seed=0, size=h, channels=c)).to(dev))
     flop_per_step = step_flops(method, model, x, dev, micro_batch)
