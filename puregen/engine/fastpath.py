@@ -14,7 +14,6 @@ of the fp32 oracle's uint8 output).
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from typing import Callable
 
@@ -22,8 +21,6 @@ import torch
 
 from ..errors import InputError
 from .provenance import cpu_features
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,8 +60,6 @@ class LazyCompiled:
     def __init__(self, fn: Callable, *, name: str, cuda_graphs: bool = False):
         self.eager = fn
         self.name = name
-        # On a GPU, "reduce-overhead" replays the step's kernels as a CUDA graph.
-        self.mode = "reduce-overhead" if cuda_graphs else None
         self.cuda_graphs = cuda_graphs
         self._compiled: Callable | None = None
         self.fallback_reason: str | None = None
@@ -74,7 +69,9 @@ class LazyCompiled:
             try:
                 if self._compiled is None:
                     # Micro-batches have one fixed shape, so a static graph is compiled once.
-                    self._compiled = torch.compile(self.eager, dynamic=False, fullgraph=False, mode=self.mode)
+                    # On a GPU, "reduce-overhead" replays the evaluation's kernels as a CUDA graph.
+                    mode = "reduce-overhead" if self.cuda_graphs else None
+                    self._compiled = torch.compile(self.eager, dynamic=False, fullgraph=False, mode=mode)
                 out = self._compiled(*args)
                 # A CUDA graph's outputs are overwritten by its next replay: the caller keeps a copy.
                 return out.clone() if self.cuda_graphs else out
