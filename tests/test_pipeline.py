@@ -82,6 +82,28 @@ def test_resume_refuses_a_different_configuration(tmp_path, dataset_file, tiny_m
     assert np.array_equal(read_dataset(out).images, p.purify(read_dataset(dataset_file).images))
 
 
+def test_resume_keeps_a_chunk_written_just_before_the_kill(tmp_path, dataset_file, tiny_models):
+    # A kill between a chunk's rename and the manifest's update leaves the chunk on disk
+    # but not in the manifest; resuming must keep it, not redo it.
+    out = tmp_path / "o.npz"
+    p = _purifier(tiny_models, "ebm")
+
+    def stop_after_first(_k):
+        raise KeyboardInterrupt
+
+    from puregen.engine.pipeline import run_job
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(dataset_file, out, p, chunk_size=16, progress=False, on_chunk=stop_after_first)
+    manifest_path = tmp_path / "o.npz.parts" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["finished_chunks"] == [0]
+    manifest_path.write_text(json.dumps(dict(manifest, finished_chunks=[])))
+    resumed = purify_dataset(dataset_file, out, purifier=p, chunk_size=16, resume=True, progress=False)
+    assert resumed["timing"]["images_this_run"] == 24
+    assert np.array_equal(read_dataset(out).images, p.purify(read_dataset(dataset_file).images))
+
+
 def test_filt_pipeline_matches_api(tmp_path, dataset_file, tiny_models):
     p = _purifier(tiny_models, "filt")
     manifest = purify_dataset(dataset_file, tmp_path / "f.npz", purifier=p, chunk_size=16, progress=False)

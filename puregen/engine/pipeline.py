@@ -273,7 +273,11 @@ def run_job(
 def _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, progress, on_chunk) -> int:
     """The main pass over the chunks not yet finished; returns how many images it purified."""
     n = len(images)
-    finished = {k for k in manifest["finished_chunks"] if paths.chunk(k).exists()}
+    # A chunk file is renamed into place whole, and the parts folder belongs to this job
+    # (its manifest's fingerprints were checked), so a chunk on disk is finished even when
+    # the kill came between its rename and the manifest's update.
+    finished = {k for k, _, _ in chunks if paths.chunk(k).exists()}
+    manifest["finished_chunks"] = sorted(finished)
     todo = [c for c in chunks if c[0] not in finished]
     images_todo = sum(stop - start for _, start, stop in todo)
     bar = image_progress_bar(n, f"purify[{purifier.method}]", progress)
@@ -306,8 +310,8 @@ def _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, 
 
 def _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress) -> None:
     """filt's first pass: the energy of every image, chunked and resumable like the main pass."""
-    done = set(manifest.get("finished_energy_chunks", []))
-    todo = [c for c in chunks if not (c[0] in done and paths.energy_chunk(c[0]).exists())]
+    done = {k for k, _, _ in chunks if paths.energy_chunk(k).exists()}  # renamed into place whole
+    todo = [c for c in chunks if c[0] not in done]
     bar = image_progress_bar(len(images), "energy", progress)
     if bar is not None:
         bar.update(len(images) - sum(stop - start for _, start, stop in todo))
