@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             method, *nets, p, images, seed=args.seed, micro_batch=args.micro_batch, device=device
         )
         t0 = time.perf_counter()
-        oracle = run(FastPath("oracle", "fp32", False, False))
+        oracle = run(FastPath("oracle", "fp32", "torch", False))
         print(f"{method}: fp32 eager oracle on {len(images)} images: {time.perf_counter() - t0:.1f} s", flush=True)
         for path in paths:
             t0 = time.perf_counter()

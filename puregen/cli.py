@@ -10,6 +10,7 @@ from .config import METHODS, PRESETS
 from .engine.evaluator import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
 from .engine.pipeline import DEFAULT_CHUNK_SIZE
 from .errors import InputError
+from .export.commands import add_export_parser
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
 
@@ -49,6 +50,8 @@ def _add_purify(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--onnx-dir", metavar="DIR", help="exported graphs for --backend onnxruntime/tensorrt "
+                   "(default: exported on first use into ~/.cache/puregen, or $PUREGEN_CACHE_DIR)")
     p.add_argument("--engine", default="local", choices=("local", "ray"))
     p.add_argument("--format", dest="input_format", help="input format if not detected (npz, npy, idx, cifar, folder)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job")
@@ -69,7 +72,7 @@ def _cmd_purify(args) -> int:
         energy_threshold=args.energy_threshold, jpeg_quality=args.jpeg_quality, seed=args.seed,
         batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,
         threads=args.threads, device=args.device, precision=args.precision, backend=args.backend,
-        resume=args.resume, overwrite=args.overwrite, limit=args.limit, input_format=args.input_format,
+        onnx_dir=args.onnx_dir, resume=args.resume, overwrite=args.overwrite, limit=args.limit, input_format=args.input_format,
         progress=not args.no_progress,
     )
     timing = manifest.get("timing", {})
@@ -100,8 +103,7 @@ def _cmd_info(args) -> int:
     info["backends"] = {
         "torch": "available (eager; in fp32 the reference)",
         "compiled": "available (torch.compile of the network evaluations, eager fallback if compilation fails)",
-        "onnxruntime": "not yet implemented" + (" (onnxruntime is installed)" if "onnxruntime" in info["versions"] else ""),
-        "tensorrt": "not yet implemented (not installed)",
+        **_exported_backends(),
     }
     info["precision"] = {
         "auto on cpu": resolve_precision("auto", torch.device("cpu")),
@@ -121,6 +123,22 @@ def _cmd_info(args) -> int:
         else:
             print(f"{section}: {value}")
     return EXIT_OK
+
+
+def _exported_backends() -> dict:
+    import importlib.util
+
+    from .export.tensorrt_backend import unavailable_reason
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    ort = "available (exported graphs, fp32)"
+    if missing:
+        ort = f"unavailable: pip install 'puregen[onnx]' ({', '.join(missing)} missing)"
+    trt = unavailable_reason()
+    return {
+        "onnxruntime": ort,
+        "tensorrt": f"unavailable: {trt}" if trt else "available (experimental, not yet verified on hardware)",
+    }
 
 
 def _add_checkpoint(sub) -> None:
@@ -306,10 +324,11 @@ def _add_bench(sub) -> None:
                    help="paper: the published architecture (random weights), 32x32x3; shipped: the Fashion-MNIST "
                    "default model, 28x28x1")
     p.add_argument("--checkpoint", metavar="CKPT", help="time this checkpoint instead of a preset")
-    p.add_argument("--backend", default="compiled", choices=("torch", "compiled"), help="fast path backend")
+    p.add_argument("--backend", default="compiled", choices=("torch", "compiled", "onnxruntime"),
+                   help="fast path backend (onnxruntime: also times the compiled fast path in the same run)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fast path precision")
-    p.add_argument("--batch", type=int, default=64, help="images per timed batch (default 64)")
-    p.add_argument("--micro-batch", type=int, default=64, help="network batch shape (default 64)")
+    p.add_argument("--batch", default="64", help="images per timed batch; several as 16,64 (default 64)")
+    p.add_argument("--micro-batch", type=int, help="network batch shape (default: the batch)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timed-steps", type=int, default=5,
@@ -325,14 +344,19 @@ def _cmd_bench(args) -> int:
     from .bench.throughput import format_summary, log_to_stderr, run_bench
     from .engine.pipeline import write_json_atomic
 
-    summary = run_bench(
-        args.method, preset=args.preset, checkpoint=args.checkpoint, backend=args.backend, precision=args.precision,
-        batch=args.batch, micro_batch=args.micro_batch, threads=args.threads, device=args.device,
-        timed_steps=args.timed_steps, repeats=args.repeats, log=log_to_stderr,
-    )
-    print(format_summary(summary))
+    from .export.commands import int_list
+
+    summaries = []
+    for batch in int_list(args.batch):
+        summary = run_bench(
+            args.method, preset=args.preset, checkpoint=args.checkpoint, backend=args.backend,
+            precision=args.precision, batch=batch, micro_batch=args.micro_batch or batch, threads=args.threads,
+            device=args.device, timed_steps=args.timed_steps, repeats=args.repeats, log=log_to_stderr,
+        )
+        print(format_summary(summary), flush=True)
+        summaries.append(summary)
     if args.json:
-        write_json_atomic(Path(args.json), summary)
+        write_json_atomic(Path(args.json), summaries[0] if len(summaries) == 1 else {"runs": summaries})
         print(f"wrote {args.json}")
     return EXIT_OK
 
@@ -349,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_bench(sub)
+    add_export_parser(sub)
     return parser
 
 

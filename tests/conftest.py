@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -7,6 +8,25 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path(os.environ.get("PUREGEN_FASHION_MNIST", REPO.parent / "shared" / "data" / "fashion-mnist"))
+
+
+# The export extra is installed by .ci/run; without it these tests say why they did not run.
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+    reason="needs the onnx extra (pip install 'puregen[onnx]')",
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    # ONNX exports made on first use go to the cache: keep them out of the user's ~/.cache.
+    old = os.environ.get("PUREGEN_CACHE_DIR")
+    os.environ["PUREGEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("puregen-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PUREGEN_CACHE_DIR", None)
+    else:
+        os.environ["PUREGEN_CACHE_DIR"] = old
 
 
 @pytest.fixture(autouse=True)

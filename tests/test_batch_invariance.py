@@ -6,7 +6,7 @@ import pytest
 from puregen.api import load_purifier
 from puregen.models.ebm import EBM, EBMConfig
 
-from .conftest import smooth_images
+from .conftest import needs_onnx, smooth_images
 
 # Few steps keep the test fast; the invariance does not depend on the count.
 OVERRIDES = {
@@ -23,10 +23,12 @@ def images():
     return smooth_images(64, seed=1)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=needs_onnx)])
 @pytest.mark.parametrize("method", list(OVERRIDES))
-def test_bytes_identical_for_batch_sizes_and_order(method, images, tiny_models):
+def test_bytes_identical_for_batch_sizes_and_order(method, backend, images, tiny_models):
     ebm, unet = tiny_models
-    p = load_purifier(method, ebm=ebm, ddpm=unet, preset="tiny", micro_batch=8, threads=2, **OVERRIDES[method])
+    p = load_purifier(method, ebm=ebm, ddpm=unet, preset="tiny", micro_batch=8, threads=2, backend=backend,
+                      **OVERRIDES[method])
     ref = p.purify(images, seed=5, batch_size=64)
     assert ref.dtype == np.uint8 and ref.shape == images.shape
     changed = (ref != images).mean()

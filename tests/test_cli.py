@@ -97,9 +97,9 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path, good_npz):
 def test_bad_usage_exit_2(good_npz, tmp_path):
     r = cli("purify", good_npz, "-o", tmp_path / "o.npz", "--method", "nonsense")
     assert_input_error(r, "nonsense")
-    r = cli("purify", good_npz, "-o", tmp_path / "o.npz", "--method", "ebm", "--backend", "onnxruntime",
+    r = cli("purify", good_npz, "-o", tmp_path / "o.npz", "--method", "ebm", "--backend", "tensorrt",
             "--ebm", tmp_path)
-    assert_input_error(r, "onnxruntime")
+    assert_input_error(r, "tensorrt needs --device cuda")
 
 
 def test_paper_preset_without_checkpoints_says_where_to_get_them(tmp_path):

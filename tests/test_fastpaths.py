@@ -42,8 +42,11 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 def test_bad_backend_and_precision_are_clear_errors():
     with pytest.raises(InputError, match="fp16 needs a CUDA device"):
         check_backend("torch", "fp16", "cpu")
-    with pytest.raises(InputError, match="onnxruntime.*not available"):
-        check_backend("onnxruntime", "fp32")
+    with pytest.raises(InputError, match="onnxruntime runs the fp32 graphs"):
+        check_backend("onnxruntime", "bf16")
+    assert check_backend("onnxruntime", "auto") == "fp32"
+    with pytest.raises(InputError, match="tensorrt needs --device cuda"):
+        check_backend("tensorrt", "fp16", "cpu")
     with pytest.raises(InputError, match="unknown precision"):
         check_backend("torch", "fp8")
 
@@ -123,14 +126,14 @@ def real_images():
 
 
 @pytest.mark.parametrize("method", ["ebm", "ddpm"])
-@pytest.mark.parametrize("path", [FastPath("torch-bf16", "bf16", False, True), FastPath("compiled-bf16", "bf16", True, True)],
+@pytest.mark.parametrize("path", [FastPath("torch-bf16", "bf16", "torch", True), FastPath("compiled-bf16", "bf16", "compiled", True)],
                          ids=lambda p: p.name)
 def test_quality_bound_with_the_shipped_models_on_real_images(real_images, method, path):
     kind = "ebm" if method == "ebm" else "unet"
     model = load_model(default_checkpoint(kind), expect=kind).model
     nets = (model, None) if method == "ebm" else (None, model)
     run = lambda p: purify_float(method, *nets, p, real_images, seed=0, micro_batch=8, device=torch.device("cpu"))  # noqa: E731
-    stats = compare(run(FastPath("oracle", "fp32", False, False)), run(path))
+    stats = compare(run(FastPath("oracle", "fp32", "torch", False)), run(path))
     # The bound of issue 4: mean <= 1 level, >= 99% of pixels within 2 levels, no NaN (150 steps / t* = 75).
     assert stats["finite"]
     assert stats["mean_levels"] <= 1.0, stats

@@ -8,6 +8,8 @@ no NaN in the fp32 state before it is rounded.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
@@ -23,12 +25,14 @@ HISTOGRAM_EDGES = (0, 1, 2, 3, 5, 9, 17, 256)  # |difference| in levels: 0, 1, 2
 
 def default_fast_paths(device: torch.device) -> list[FastPath]:
     paths = [
-        FastPath("torch-bf16", "bf16", False, True),
-        FastPath("compiled-fp32", "fp32", True, True),
-        FastPath("compiled-bf16", "bf16", True, True),
+        FastPath("torch-bf16", "bf16", "torch", True),
+        FastPath("compiled-fp32", "fp32", "compiled", True),
+        FastPath("compiled-bf16", "bf16", "compiled", True),
     ]
     if device.type == "cuda":
-        paths += [FastPath("torch-fp16", "fp16", False, True), FastPath("compiled-fp16", "fp16", True, True)]
+        paths += [FastPath("torch-fp16", "fp16", "torch", True), FastPath("compiled-fp16", "fp16", "compiled", True)]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        paths.append(FastPath("onnxruntime", "fp32", "onnxruntime", False))
     return paths
 
 

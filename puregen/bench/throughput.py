@@ -46,12 +46,16 @@ class Mode:
 
     name: str
     precision: str
-    compile: bool
+    backend: str  # torch (eager), compiled or onnxruntime
     channels_last: bool
 
-    def evaluator(self, ebm, unet, *, device, micro_batch: int) -> TorchEvaluator:
+    def evaluator(self, ebm, unet, *, device, micro_batch: int):
+        if self.backend == "onnxruntime":
+            from ..export.onnxruntime_backend import OrtEvaluator
+
+            return OrtEvaluator(ebm, unet, device=device, micro_batch=micro_batch)
         return TorchEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision,
-                              channels_last=self.channels_last, compile=self.compile)
+                              channels_last=self.channels_last, compile=self.backend == "compiled")
 
 
 def bench_model(method: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, tuple[int, int, int]]:
@@ -82,7 +86,7 @@ def step_flops(method, model, x, device, micro_batch) -> int:
     Compiled code calls fused kernels that a dispatch-level counter cannot see;
     it does the same arithmetic, so every mode is credited with these FLOPs.
     """
-    evaluator = Mode("count", "fp32", False, False).evaluator(*_networks(method, model), device=device,
+    evaluator = Mode("count", "fp32", "torch", False).evaluator(*_networks(method, model), device=device,
                                                               micro_batch=micro_batch)
     if method == "ebm":
         return counted_flops(lambda: evaluator.energy_grad(x))
@@ -105,7 +109,7 @@ def time_mode(method, model, mode: Mode, x, *, flop_per_step, device, micro_batc
     return {
         "mode": mode.name,
         "precision": mode.precision,
-        "compiled": mode.compile,
+        "backend": mode.backend,
         "channels_last": mode.channels_last,
         "compile_state": evaluator.compile_state(),
         "seconds_per_step": per_step,
@@ -143,17 +147,19 @@ def run_bench(
     flop_per_step = step_flops(method, model, x, dev, micro_batch)
 
     bf16_ok = dev.type == "cpu" or torch.cuda.is_bf16_supported()
-    modes = [Mode("reference", "fp32", False, False)]
+    modes = [Mode("reference", "fp32", "torch", False)]
     if bf16_ok:
-        modes.append(Mode("bf16-eager", "bf16", False, True))
-    modes.append(Mode("fast", fast_precision, backend == "compiled", backend == "compiled"))
+        modes.append(Mode("bf16-eager", "bf16", "torch", True))
+    if backend == "onnxruntime":  # against torch's own fast path too, in the same run
+        modes.append(Mode("compiled", check_backend("compiled", "auto", dev), "compiled", True))
+    modes.append(Mode("fast", fast_precision, backend, backend == "compiled"))
 
     log(f"ceiling: 3x3 conv 128->128, batch 64, 32x32, channels_last, {fast_precision}, median of 10 ...")
     ceiling = conv_ceiling(fast_precision, dev)
     log(f"  {ceiling / 1e9:.1f} GFLOP/s")
     results = {}
     for mode in modes:
-        log(f"{mode.name}: {method}, {mode.precision}, {'compiled' if mode.compile else 'eager'}, "
+        log(f"{mode.name}: {method}, {mode.precision}, {mode.backend}, "
             f"{'channels_last' if mode.channels_last else 'NCHW'}, batch {batch} (micro {micro_batch}), "
             f"{threads} threads, {timed_steps} steps x {repeats} ...")
         results[mode.name] = time_mode(
@@ -192,11 +198,11 @@ def format_summary(s: dict) -> str:
         f"puregen bench: {s['method']} ({s['preset']}, images {'x'.join(map(str, s['image_shape']))}), "
         f"batch {s['batch']} (micro {s['micro_batch']}), {s['threads']} threads, {s['device']}",
         f"ceiling ({s['precision']} 3x3 conv): {s['ceiling_flop_per_second'] / 1e9:.1f} GFLOP/s",
-        f"{'mode':<11} {'precision':<9} {'compiled':<8} {'images/s':>10} {'GFLOP/s':>9} {'s/step':>8}",
+        f"{'mode':<11} {'precision':<9} {'backend':<11} {'images/s':>10} {'GFLOP/s':>9} {'s/step':>8}",
     ]
     for m in s["modes"].values():
         lines.append(
-            f"{m['mode']:<11} {m['precision']:<9} {str(m['compiled']):<8} {m['images_per_second']:>10.3f} "
+            f"{m['mode']:<11} {m['precision']:<9} {m['backend']:<11} {m['images_per_second']:>10.3f} "
             f"{m['achieved_flop_per_second'] / 1e9:>9.1f} {m['seconds_per_step']:>8.4f}"
         )
     fast = s["modes"]["fast"]

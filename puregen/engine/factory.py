@@ -66,6 +66,7 @@ def load_purifier(
     micro_batch: int = DEFAULT_MICRO_BATCH,
     threads: int | None = None,
     channels_last: bool | None = None,
+    onnx_dir=None,
     **overrides,
 ) -> Purifier:
     """A ready purifier for `method`.
@@ -74,7 +75,9 @@ def load_purifier(
     is a shorthand for the one network of the `ebm` and `ddpm` methods.
     `precision` (fp32, bf16, fp16, auto) and `backend` (torch = eager,
     compiled = torch.compile) choose the fast path; `channels_last` defaults
-    to on for the compiled backend. `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality.
+    to on for the compiled backend. `onnxruntime` and `tensorrt` run exported graphs: those in
+    `onnx_dir`, else exports made on first use and cached per network (see `puregen.export`).
+    `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality.
     """
     if checkpoint is not None:
         if method not in ("ebm", "ddpm"):
@@ -86,7 +89,7 @@ def load_purifier(
     pinned = pin_threads(threads)
     if method == "jpeg":
         return Purifier(cfg, None, device=dev, provenance={"threads": pinned, "checkpoints": {}})
-    models, fingerprints, defaults = {}, {}, []
+    models, fingerprints, sources, defaults = {}, {}, {}, []
     for kind, what, source, needed in (("ebm", "EBM", ebm, cfg.needs_ebm), ("unet", "DDPM", ddpm, cfg.needs_ddpm)):
         if not needed:
             continue
@@ -95,10 +98,28 @@ def load_purifier(
         else:
             loaded, is_default = _load(source, kind, what, cfg)
             models[kind], fingerprints[kind] = loaded.model, loaded.fingerprint
+            sources[kind] = {"checkpoint": loaded.path, "weights_sha256": loaded.fingerprint}
             if is_default:
                 defaults.append(kind)
-    evaluator = TorchEvaluator(
-        models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch, precision=precision,
-        channels_last=backend == "compiled" if channels_last is None else channels_last, compile=backend == "compiled",
-    )
+    if backend in ("torch", "compiled"):
+        evaluator = TorchEvaluator(
+            models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch, precision=precision,
+            channels_last=backend == "compiled" if channels_last is None else channels_last,
+            compile=backend == "compiled",
+        )
+    else:
+        evaluator = _exported_evaluator(backend, models, sources, dev, micro_batch, pinned, precision, onnx_dir)
     return Purifier(cfg, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints, "defaults": defaults})
+
+
+def _exported_evaluator(backend, models, sources, device, micro_batch, threads, precision, onnx_dir):
+    """The onnxruntime or tensorrt evaluator (imported here: both depend on optional packages)."""
+    if backend == "onnxruntime":
+        from ..export.onnxruntime_backend import OrtEvaluator
+
+        return OrtEvaluator(models.get("ebm"), models.get("unet"), device=device, micro_batch=micro_batch,
+                            onnx_dir=onnx_dir, threads=threads, sources=sources)
+    from ..export.tensorrt_backend import TensorRTEvaluator
+
+    return TensorRTEvaluator(models.get("ebm"), models.get("unet"), device=device, micro_batch=micro_batch,
+                             precision=precision, onnx_dir=onnx_dir, sources=sources)

@@ -1,0 +1,297 @@
+"""`--backend tensorrt` (experimental): TensorRT engines built from the ONNX exports.
+
+NOT YET VERIFIED ON HARDWARE: TensorRT cannot be installed on the machines
+this was written on. The module imports `tensorrt` only when an engine is
+built or run, and says so clearly when it is missing. The plain-Python parts
+(batch profiles, cache keys, the cache's checks, error paths) are tested
+without TensorRT; the calls into TensorRT follow its Python API (10.x):
+Builder -> network from OnnxParser -> BuilderConfig with precision flags and
+one optimization profile over the batch axis -> serialized engine -> Runtime
+-> execution context with `set_input_shape`, `set_tensor_address` and
+`execute_async_v3` on torch's current CUDA stream.
+
+Engines are cached on disk under a key made of everything that makes an
+engine valid: the ONNX file's sha256, the precision flags, the batch
+profile, the TensorRT version and the GPU architecture. Each engine file has
+a JSON record of those fields and of its own sha256; a record that does not
+match, or an engine file that was changed or cut short, is an error that
+names the file, never a silently wrong engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..engine.evaluator import Evaluator
+from ..errors import InputError
+from ..models.checkpoints import file_sha256
+from .onnx_export import ExportedGraph, cache_folder_for, default_cache_dir, ensure_exported, weights_fingerprint
+
+PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}
+ENGINE_RECORD_VERSION = 1
+
+
+class TensorRTUnavailable(InputError):
+    """TensorRT (or a CUDA device for it) is not present."""
+
+
+def unavailable_reason() -> str | None:
+    """Why the tensorrt backend cannot run here, or None if it can be tried."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt package is not installed (pip install tensorrt, on a machine with an NVIDIA GPU)"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def import_tensorrt():
+    reason = unavailable_reason()
+    if reason is not None:
+        raise TensorRTUnavailable(f"--backend tensorrt is unavailable: {reason}. Use --backend onnxruntime or "
+                                  "compiled instead.")
+    import tensorrt
+
+    return tensorrt
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """TensorRT's optimization profile over the batch axis: the engine runs any batch in [min, max], best at opt."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not (isinstance(self.min, int) and isinstance(self.opt, int) and isinstance(self.max, int)):
+            raise InputError(f"batch profile values must be integers, got {self}")
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise InputError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+    @classmethod
+    def for_micro_batch(cls, micro_batch: int) -> BatchProfile:
+        """The engine's profile when the evaluator runs every network call at `micro_batch` (the engine's opt)."""
+        return cls(1, micro_batch, max(micro_batch, 1))
+
+    @classmethod
+    def parse(cls, text: str) -> BatchProfile:
+        """`"1,64,256"` (min, opt, max) as given on the command line."""
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise InputError(f"--batch-profile must be MIN,OPT,MAX integers, got {text!r}") from None
+        if len(values) != 3:
+            raise InputError(f"--batch-profile must be MIN,OPT,MAX, got {text!r}")
+        return cls(*values)
+
+    def shapes(self, input_spec: dict) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """min/opt/max shapes of one input from the sidecar's spec (its batch axis named "batch")."""
+        dims = input_spec["shape"]
+        if dims.count("batch") != 1 or dims[0] != "batch":
+            raise InputError(f"input {input_spec['name']!r} has no leading batch axis: {dims}")
+        rest = tuple(int(d) for d in dims[1:])
+        return (self.min, *rest), (self.opt, *rest), (self.max, *rest)
+
+
+def engine_cache_key(onnx_sha256: str, precision: str, profile: BatchProfile, trt_version: str, gpu_arch: str) -> str:
+    """The engine's identity: the same key means an engine built from the same graph, flags, profile, TensorRT and GPU."""
+    if precision not in PRECISION_FLAGS:
+        raise InputError(f"TensorRT precision must be one of {', '.join(PRECISION_FLAGS)}, got {precision!r}")
+    fields = {"onnx_sha256": onnx_sha256, "precision_flags": list(PRECISION_FLAGS[precision]),
+              "profile": asdict(profile), "tensorrt": trt_version, "gpu_arch": gpu_arch}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def gpu_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """What the cache stores beside each engine file, and checks before it is used."""
+
+    key: str
+    onnx_sha256: str
+    precision: str
+    profile: dict
+    tensorrt: str
+    gpu_arch: str
+    engine_sha256: str
+    record_version: int = ENGINE_RECORD_VERSION
+
+
+class EngineCache:
+    """Engine files and their records in one folder, named by the cache key."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = Path(folder) if folder is not None else default_cache_dir() / "tensorrt"
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        return self.folder / f"{key}.engine", self.folder / f"{key}.json"
+
+    def load(self, key: str, expected: dict) -> bytes | None:
+        """The cached engine for `key`, or None if there is none; an error if it is stale or damaged."""
+        engine_path, record_path = self.paths(key)
+        if not record_path.exists() and not engine_path.exists():
+            return None
+        if not record_path.exists() or not engine_path.exists():
+            missing = record_path if not record_path.exists() else engine_path
+            raise InputError(f"{missing}: missing half of a cached TensorRT engine; {self._rebuild_hint(key)}")
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{record_path}: unreadable engine record ({e}); {self._rebuild_hint(key)}") from None
+        for field, value in expected.items():
+            if record.get(field) != value:
+                raise InputError(
+                    f"{record_path}: stale TensorRT engine: it was built for {field} = {record.get(field)!r}, this "
+                    f"run needs {value!r}; {self._rebuild_hint(key)}"
+                )
+        blob = engine_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != record.get("engine_sha256"):
+            raise InputError(f"{engine_path}: corrupt or truncated TensorRT engine (sha256 differs from its record); "
+                             f"{self._rebuild_hint(key)}")
+        return blob
+
+    def _rebuild_hint(self, key: str) -> str:
+        engine_path, record_path = self.paths(key)
+        return f"delete {engine_path.name} and {record_path.name} in {self.folder} to rebuild it"
+
+    def store(self, key: str, blob: bytes, record_fields: dict) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        engine_path, record_path = self.paths(key)
+        record = EngineRecord(key=key, engine_sha256=hashlib.sha256(blob).hexdigest(), **record_fields)
+        for path, data in ((engine_path, blob), (record_path, (json.dumps(asdict(record), indent=2) + "\n").encode())):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # the record last: an engine without one is not used
+        return engine_path
+
+
+def build_engine(exported: ExportedGraph, precision: str, profile: BatchProfile, workspace_bytes: int = 1 << 30):
+    """Serialize a TensorRT engine for `exported` (TensorRT's Python API; needs a GPU)."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(exported.onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise InputError(f"{exported.onnx_path}: TensorRT's ONNX parser refused it: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    for flag in PRECISION_FLAGS[precision]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    trt_profile = builder.create_optimization_profile()
+    for spec in exported.sidecar["inputs"]:
+        trt_profile.set_shape(spec["name"], *profile.shapes(spec))
+    config.add_optimization_profile(trt_profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise InputError(f"{exported.onnx_path}: TensorRT could not build an engine ({precision}, batch {profile})")
+    return bytes(serialized)
+
+
+class _Engine:
+    """One deserialized engine and its execution context, run on torch CUDA tensors."""
+
+    def __init__(self, blob: bytes, exported: ExportedGraph, device: torch.device, source: str):
+        trt = import_tensorrt()
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise InputError(f"{source}: TensorRT cannot deserialize this engine; delete it and its .json record "
+                             "to rebuild it")
+        self.context = self.engine.create_execution_context()
+        self.exported, self.device = exported, device
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        batch = inputs[0].shape[0]
+        for spec, t in zip(self.exported.sidecar["inputs"], inputs):
+            t = t.contiguous()
+            self.context.set_input_shape(spec["name"], tuple(t.shape))
+            self.context.set_tensor_address(spec["name"], t.data_ptr())
+        outputs = []
+        for spec in self.exported.sidecar["outputs"]:
+            shape = [batch if d == "batch" else int(d) for d in spec["shape"]]
+            out = torch.empty(shape, dtype=torch.float32, device=self.device)
+            self.context.set_tensor_address(spec["name"], out.data_ptr())
+            outputs.append(out)
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run the engine for {self.exported.onnx_path}")
+        return outputs
+
+
+class TensorRTEvaluator(Evaluator):
+    """The purifiers' evaluations on TensorRT engines (experimental, see the module's note)."""
+
+    backend = "tensorrt"
+
+    def __init__(
+        self,
+        ebm: nn.Module | None = None,
+        unet: nn.Module | None = None,
+        *,
+        device: str | torch.device = "cuda",
+        micro_batch: int = 16,
+        precision: str = "fp16",
+        onnx_dir: str | Path | None = None,
+        engine_dir: str | Path | None = None,
+        profile: BatchProfile | None = None,
+        sources: dict | None = None,
+    ):
+        trt = import_tensorrt()
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise TensorRTUnavailable("--backend tensorrt needs --device cuda")
+        prepared = {k: m.to("cpu", torch.float32).eval().requires_grad_(False) if m is not None else None
+                    for k, m in (("ebm", ebm), ("unet", unet))}
+        super().__init__(prepared["ebm"], prepared["unet"], device=device, micro_batch=micro_batch,
+                         precision=precision)
+        self.profile = profile or BatchProfile.for_micro_batch(micro_batch)
+        if not self.profile.min <= micro_batch <= self.profile.max:
+            raise InputError(f"the micro-batch {micro_batch} is outside the engine's batch profile {self.profile}")
+        self.cache = EngineCache(engine_dir)
+        self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else None
+        self.sources = sources or {}
+        self.trt_version = trt.__version__
+        self._fingerprints = {k: weights_fingerprint(m) for k, m in prepared.items() if m is not None}
+        self._engines: dict[tuple, _Engine] = {}
+        self._energy_fn = lambda b: self._engine("ebm", b)(b)[1]
+        self._grad_fn = lambda b: self._engine("ebm", b)(b)[0]
+        self._eps_fn = lambda b, t: self._engine("unet", b)(b, t)[0]
+
+    def _engine(self, model_key: str, b: torch.Tensor) -> _Engine:
+        shape = tuple(b.shape[1:])
+        engine = self._engines.get((model_key, shape))
+        if engine is not None:
+            return engine
+        model = self.ebm if model_key == "ebm" else self.unet
+        folder = self.onnx_dir if self.onnx_dir is not None else cache_folder_for(self._fingerprints[model_key])
+        exported = ensure_exported(model, shape, folder, fingerprint=self._fingerprints[model_key],
+                                   source=self.sources.get(model_key))
+        onnx_sha = file_sha256(exported.onnx_path)
+        fields = {"onnx_sha256": onnx_sha, "precision": self.precision, "profile": asdict(self.profile),
+                  "tensorrt": self.trt_version, "gpu_arch": gpu_arch(self.device)}
+        key = engine_cache_key(onnx_sha, self.precision, self.profile, self.trt_version, fields["gpu_arch"])
+        blob = self.cache.load(key, fields)
+        if blob is None:
+            blob = build_engine(exported, self.precision, self.profile)
+            self.cache.store(key, blob, fields)
+        engine = self._engines[(model_key, shape)] = _Engine(blob, exported, self.device, str(self.cache.paths(key)[0]))
+        return engine
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info.update(tensorrt=self.trt_version, batch_profile=asdict(self.profile))
+        return info
