@@ -20,6 +20,7 @@ MODES = {
     "reference": dict(backend="torch", precision="fp32"),
     "torch-bf16": dict(backend="torch", precision="bf16", channels_last=True),
     "compiled-bf16": dict(backend="compiled", precision="bf16"),
+    "onnxruntime": dict(backend="onnxruntime", precision="fp32"),  # exported on first use (cached)
 }
 METHODS = {
     "ebm": dict(steps=10),

@@ -90,14 +90,15 @@ def test_filt_stream_needs_and_uses_an_energy_threshold(images, tiny_models):
     assert 0 < (streamed != images[:16]).any(axis=(1, 2, 3)).sum() < 16  # some purified, some passed through
 
 
-@pytest.mark.parametrize("method", ["ebm", "naive"])
-def test_worker_processes_give_the_bytes_of_one_process(method, images, tiny_checkpoints):
+@pytest.mark.parametrize("method, backend", [("ebm", "torch"), ("naive", "torch"),
+                                             pytest.param("ebm", "onnxruntime", marks=needs_onnx)])
+def test_worker_processes_give_the_bytes_of_one_process(method, backend, images, tiny_checkpoints):
     import torch
 
     from puregen.engine.workers import keep_thread_count, purify_in_workers
 
     ebm, ddpm = tiny_checkpoints
-    options = {"ebm": ebm, "ddpm": ddpm, "preset": "tiny", "micro_batch": 8, **OVERRIDES[method]}
+    options = {"ebm": ebm, "ddpm": ddpm, "preset": "tiny", "micro_batch": 8, "backend": backend, **OVERRIDES[method]}
     threads_before = torch.get_num_threads()
     with keep_thread_count():
         ref = load_purifier(method, threads=1, **options).purify(images, seed=5, offset=100)

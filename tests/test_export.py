@@ -174,6 +174,21 @@ def test_cli_export_then_purify_with_onnxruntime(tmp_path, tiny_checkpoints, cap
     assert (tmp_path / "a.npz").read_bytes() == before
 
 
+def test_bench_times_onnxruntime_against_torch_and_the_compiled_fast_path(tmp_path, tiny_checkpoints, capsys):
+    ebm, _ = tiny_checkpoints
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--method", "ebm", "--checkpoint", str(ebm), "--backend", "onnxruntime", "--batch", "4,8",
+                 "--micro-batch", "4", "--timed-steps", "1", "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("of the ceiling") == 2 and "onnxruntime" in text
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["batch"] for r in runs] == [4, 8]
+    for run in runs:
+        assert {"reference", "compiled", "fast"} <= set(run["modes"])
+        assert run["modes"]["fast"]["backend"] == "onnxruntime" and run["modes"]["compiled"]["backend"] == "compiled"
+        assert all(m["images_per_second"] > 0 for m in run["modes"].values())
+
+
 # ---- TensorRT: the parts that are plain Python (TensorRT itself cannot be installed here) ----
 
 

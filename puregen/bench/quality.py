@@ -33,6 +33,11 @@ def default_fast_paths(device: torch.device) -> list[FastPath]:
         paths += [FastPath("torch-fp16", "fp16", "torch", True), FastPath("compiled-fp16", "fp16", "compiled", True)]
     if importlib.util.find_spec("onnxruntime") is not None:
         paths.append(FastPath("onnxruntime", "fp32", "onnxruntime", False))
+    if device.type == "cuda":
+        from ..export.tensorrt_backend import unavailable_reason
+
+        if unavailable_reason() is None:
+            paths += [FastPath(f"tensorrt-{p}", p, "tensorrt", False) for p in ("fp32", "fp16", "bf16")]
     return paths
 
 

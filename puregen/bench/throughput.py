@@ -46,7 +46,7 @@ class Mode:
 
     name: str
     precision: str
-    backend: str  # torch (eager), compiled or onnxruntime
+    backend: str  # torch (eager), compiled, onnxruntime or tensorrt
     channels_last: bool
 
     def evaluator(self, ebm, unet, *, device, micro_batch: int):
@@ -54,6 +54,10 @@ class Mode:
             from ..export.onnxruntime_backend import OrtEvaluator
 
             return OrtEvaluator(ebm, unet, device=device, micro_batch=micro_batch)
+        if self.backend == "tensorrt":
+            from ..export.tensorrt_backend import TensorRTEvaluator
+
+            return TensorRTEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision)
         return TorchEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision,
                               channels_last=self.channels_last, compile=self.backend == "compiled")
 

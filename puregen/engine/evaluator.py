@@ -1,4 +1,6 @@
-"""Network evaluation for the purifiers: the `torch` (eager) and `compiled` backends.
+"""Network evaluation for the purifiers: the interface every backend supplies, and the `torch` and `compiled` backends.
+
+(`onnxruntime` and `tensorrt` are in `puregen.export`.)
 
 The `torch` backend in fp32 is the oracle. Faster modes change only how the
 networks are evaluated: bf16/fp16 autocast, channels_last memory layout, and

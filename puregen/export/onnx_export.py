@@ -362,10 +362,28 @@ def ensure_exported(model: nn.Module, image_shape, folder, *, fingerprint: str |
     kind = _kind_of(model)
     fingerprint = fingerprint or weights_fingerprint(model)
     name = stem(kind, tuple(image_shape))
-    if (Path(folder) / f"{name}.json").exists():
-        return load_exported(folder, kind, image_shape, expect_fingerprint=fingerprint)
-    log.info("exporting the %s graph for %s to %s", kind, image_shape, folder)
-    return export_onnx(model, image_shape, folder, source=source, overwrite=True)
+    # Worker processes that start together must not export into one folder at once.
+    with _folder_lock(Path(folder)):
+        if (Path(folder) / f"{name}.json").exists():
+            return load_exported(folder, kind, image_shape, expect_fingerprint=fingerprint)
+        log.info("exporting the %s graph for %s to %s", kind, image_shape, folder)
+        return export_onnx(model, image_shape, folder, source=source, overwrite=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (one process per cache folder there)
+        yield
+        return
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def default_cache_dir() -> Path:

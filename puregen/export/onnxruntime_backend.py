@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.evaluator import Evaluator
 from ..errors import InputError
-from .onnx_export import ExportError, ExportedGraph, cache_folder_for, ensure_exported, require_onnx, weights_fingerprint
+from .exported_evaluator import ExportedEvaluator
+from .onnx_export import ExportError, ExportedGraph, require_onnx
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -103,7 +103,7 @@ def _numpy_dtype(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.int64: np.int64}[dtype]
 
 
-class OrtEvaluator(Evaluator):
+class OrtEvaluator(ExportedEvaluator):
     """The purifiers' evaluations on ONNX Runtime; `ebm` / `unet` are the torch models the graphs come from."""
 
     backend = "onnxruntime"
@@ -120,30 +120,12 @@ class OrtEvaluator(Evaluator):
         sources: dict | None = None,
     ):
         require_onnx()
-        prepared = {k: m.to("cpu", torch.float32).eval().requires_grad_(False) if m is not None else None
-                    for k, m in (("ebm", ebm), ("unet", unet))}
-        super().__init__(prepared["ebm"], prepared["unet"], device=device, micro_batch=micro_batch, precision="fp32")
+        super().__init__(ebm, unet, device=device, micro_batch=micro_batch, precision="fp32", onnx_dir=onnx_dir,
+                         sources=sources)
         self.threads = threads or torch.get_num_threads()
-        self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else None
-        self.sources = sources or {}
-        self._fingerprints = {k: weights_fingerprint(m) for k, m in prepared.items() if m is not None}
-        self._graphs: dict[tuple, _Graph] = {}
-        self._energy_fn = lambda b: self._graph("ebm", b)(b)[1]
-        self._grad_fn = lambda b: self._graph("ebm", b)(b)[0]
-        self._eps_fn = lambda b, t: self._graph("unet", b)(b, t)[0]
 
-    def folder_for(self, model_key: str) -> Path:
-        return self.onnx_dir if self.onnx_dir is not None else cache_folder_for(self._fingerprints[model_key])
-
-    def _graph(self, model_key: str, b: torch.Tensor) -> _Graph:
-        shape = tuple(b.shape[1:])
-        graph = self._graphs.get((model_key, shape))
-        if graph is None:
-            model = self.ebm if model_key == "ebm" else self.unet
-            exported = ensure_exported(model, shape, self.folder_for(model_key),
-                                       fingerprint=self._fingerprints[model_key], source=self.sources.get(model_key))
-            graph = self._graphs[(model_key, shape)] = _Graph(exported, self.device, self.threads)
-        return graph
+    def _make_runner(self, exported: ExportedGraph) -> _Graph:
+        return _Graph(exported, self.device, self.threads)
 
     def compile_state(self) -> dict:
         return {
@@ -152,5 +134,5 @@ class OrtEvaluator(Evaluator):
                 "providers": g.providers,
                 "validated_worst_relative_error": g.exported.sidecar["validation"]["worst_relative"],
             }
-            for (_, shape), g in self._graphs.items()
+            for (_, shape), g in self._runners.items()
         }

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.evaluator import Evaluator
 from ..errors import InputError
 from ..models.checkpoints import file_sha256
-from .onnx_export import ExportedGraph, cache_folder_for, default_cache_dir, ensure_exported, weights_fingerprint
+from .exported_evaluator import ExportedEvaluator
+from .onnx_export import ExportedGraph, default_cache_dir
 
 PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}
 ENGINE_RECORD_VERSION = 1
@@ -232,7 +232,7 @@ class _Engine:
         return outputs
 
 
-class TensorRTEvaluator(Evaluator):
+class TensorRTEvaluator(ExportedEvaluator):
     """The purifiers' evaluations on TensorRT engines (experimental, see the module's note)."""
 
     backend = "tensorrt"
@@ -251,35 +251,17 @@ class TensorRTEvaluator(Evaluator):
         sources: dict | None = None,
     ):
         trt = import_tensorrt()
-        device = torch.device(device)
-        if device.type != "cuda":
+        if torch.device(device).type != "cuda":
             raise TensorRTUnavailable("--backend tensorrt needs --device cuda")
-        prepared = {k: m.to("cpu", torch.float32).eval().requires_grad_(False) if m is not None else None
-                    for k, m in (("ebm", ebm), ("unet", unet))}
-        super().__init__(prepared["ebm"], prepared["unet"], device=device, micro_batch=micro_batch,
-                         precision=precision)
+        super().__init__(ebm, unet, device=device, micro_batch=micro_batch, precision=precision, onnx_dir=onnx_dir,
+                         sources=sources)
         self.profile = profile or BatchProfile.for_micro_batch(micro_batch)
         if not self.profile.min <= micro_batch <= self.profile.max:
             raise InputError(f"the micro-batch {micro_batch} is outside the engine's batch profile {self.profile}")
         self.cache = EngineCache(engine_dir)
-        self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else None
-        self.sources = sources or {}
         self.trt_version = trt.__version__
-        self._fingerprints = {k: weights_fingerprint(m) for k, m in prepared.items() if m is not None}
-        self._engines: dict[tuple, _Engine] = {}
-        self._energy_fn = lambda b: self._engine("ebm", b)(b)[1]
-        self._grad_fn = lambda b: self._engine("ebm", b)(b)[0]
-        self._eps_fn = lambda b, t: self._engine("unet", b)(b, t)[0]
 
-    def _engine(self, model_key: str, b: torch.Tensor) -> _Engine:
-        shape = tuple(b.shape[1:])
-        engine = self._engines.get((model_key, shape))
-        if engine is not None:
-            return engine
-        model = self.ebm if model_key == "ebm" else self.unet
-        folder = self.onnx_dir if self.onnx_dir is not None else cache_folder_for(self._fingerprints[model_key])
-        exported = ensure_exported(model, shape, folder, fingerprint=self._fingerprints[model_key],
-                                   source=self.sources.get(model_key))
+    def _make_runner(self, exported: ExportedGraph) -> _Engine:
         onnx_sha = file_sha256(exported.onnx_path)
         fields = {"onnx_sha256": onnx_sha, "precision": self.precision, "profile": asdict(self.profile),
                   "tensorrt": self.trt_version, "gpu_arch": gpu_arch(self.device)}
@@ -288,8 +270,7 @@ class TensorRTEvaluator(Evaluator):
         if blob is None:
             blob = build_engine(exported, self.precision, self.profile)
             self.cache.store(key, blob, fields)
-        engine = self._engines[(model_key, shape)] = _Engine(blob, exported, self.device, str(self.cache.paths(key)[0]))
-        return engine
+        return _Engine(blob, exported, self.device, str(self.cache.paths(key)[0]))
 
     def describe(self) -> dict:
         info = super().describe()
