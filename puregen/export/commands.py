@@ -91,7 +91,8 @@ def add_export_parser(sub) -> None:
 def _common(p) -> None:
     p.add_argument("--ebm", metavar="CKPT", help="EBM checkpoint folder")
     p.add_argument("--ddpm", metavar="CKPT", help="DDPM (UNet) checkpoint folder")
-    p.add_argument("--image-shape", help="CxHxW of the images the graphs take (default: the model's)")
+    p.add_argument("--image-shape", help="CxHxW of the images the graphs take (default: 1x28x28 for the shipped "
+                   "models, else the model's channels at the UNet's sample_size, or 32x32 for an EBM)")
     p.add_argument("-o", "--out", required=True, help="folder for the ONNX files")
     p.add_argument("--overwrite", action="store_true", help="replace existing exports in --out")
 
