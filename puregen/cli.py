@@ -126,11 +126,10 @@ def _cmd_info(args) -> int:
 
 
 def _exported_backends() -> dict:
-    import importlib.util
-
+    from .export.onnx_export import missing_onnx_packages
     from .export.tensorrt_backend import unavailable_reason
 
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = missing_onnx_packages()
     ort = "available (exported graphs, fp32)"
     if missing:
         ort = f"unavailable: pip install 'puregen[onnx]' ({', '.join(missing)} missing)"

@@ -1,4 +1,3 @@
-import importlib.util
 import os
 from pathlib import Path
 
@@ -6,13 +5,15 @@ import numpy as np
 import pytest
 import torch
 
+from puregen.export.onnx_export import missing_onnx_packages
+
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path(os.environ.get("PUREGEN_FASHION_MNIST", REPO.parent / "shared" / "data" / "fashion-mnist"))
 
 
 # The export extra is installed by .ci/run; without it these tests say why they did not run.
 needs_onnx = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+    bool(missing_onnx_packages()),
     reason="needs the onnx extra (pip install 'puregen[onnx]')",
 )
 

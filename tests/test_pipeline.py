@@ -61,17 +61,20 @@ def test_existing_output_is_protected(tmp_path, dataset_file, tiny_models):
     assert len(read_dataset(out)) == 40
 
 
-def test_resume_refuses_a_different_configuration(tmp_path, dataset_file, tiny_models):
-    out = tmp_path / "o.npz"
-    p = _purifier(tiny_models, "ebm")
+def _interrupt_after_first_chunk(dataset_file, out, purifier):
+    from puregen.engine.pipeline import run_job
 
     def stop_after_first(_k):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        from puregen.engine.pipeline import run_job
+        run_job(dataset_file, out, purifier, chunk_size=16, progress=False, on_chunk=stop_after_first)
 
-        run_job(dataset_file, out, p, chunk_size=16, progress=False, on_chunk=stop_after_first)
+
+def test_resume_refuses_a_different_configuration(tmp_path, dataset_file, tiny_models):
+    out = tmp_path / "o.npz"
+    p = _purifier(tiny_models, "ebm")
+    _interrupt_after_first_chunk(dataset_file, out, p)
     assert (tmp_path / "o.npz.parts" / "manifest.json").exists()
     with pytest.raises(InputError, match="unfinished job's parts"):
         purify_dataset(dataset_file, out, purifier=p, chunk_size=16, progress=False)
@@ -87,14 +90,7 @@ def test_resume_keeps_a_chunk_written_just_before_the_kill(tmp_path, dataset_fil
     # but not in the manifest; resuming must keep it, not redo it.
     out = tmp_path / "o.npz"
     p = _purifier(tiny_models, "ebm")
-
-    def stop_after_first(_k):
-        raise KeyboardInterrupt
-
-    from puregen.engine.pipeline import run_job
-
-    with pytest.raises(KeyboardInterrupt):
-        run_job(dataset_file, out, p, chunk_size=16, progress=False, on_chunk=stop_after_first)
+    _interrupt_after_first_chunk(dataset_file, out, p)
     manifest_path = tmp_path / "o.npz.parts" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     assert manifest["finished_chunks"] == [0]

@@ -8,8 +8,6 @@ no NaN in the fp32 state before it is rounded.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import torch
 
@@ -31,7 +29,9 @@ def default_fast_paths(device: torch.device) -> list[FastPath]:
     ]
     if device.type == "cuda":
         paths += [FastPath("torch-fp16", "fp16", "torch", True), FastPath("compiled-fp16", "fp16", "compiled", True)]
-    if importlib.util.find_spec("onnxruntime") is not None:
+    from ..export.onnx_export import missing_onnx_packages
+
+    if not missing_onnx_packages():
         paths.append(FastPath("onnxruntime", "fp32", "onnxruntime", False))
     if device.type == "cuda":
         from ..export.tensorrt_backend import unavailable_reason

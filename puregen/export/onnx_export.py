@@ -68,20 +68,21 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def missing_onnx_packages() -> list[str]:
+    """The packages of the `onnx` extra that are not installed."""
+    import importlib.util
+
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
 def require_onnx() -> None:
     """A clear error when the export's dependencies are missing."""
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
+    missing = missing_onnx_packages()
     if missing:
         raise InputError(
             f"ONNX export and the onnxruntime backend need {', '.join(missing)}: "
             "pip install 'puregen[onnx]' (or onnxruntime-gpu instead of onnxruntime on a CUDA machine; never both)"
         )
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,11 @@ class ExportedGraph:
     @property
     def output_names(self) -> list[str]:
         return [o["name"] for o in self.sidecar["outputs"]]
+
+    def output_buffers(self, batch: int, device: torch.device) -> list[torch.Tensor]:
+        """Empty fp32 tensors of the outputs' shapes at `batch`, for a runtime to write into."""
+        return [torch.empty([batch if d == "batch" else int(d) for d in o["shape"]], dtype=torch.float32,
+                            device=device) for o in self.sidecar["outputs"]]
 
 
 def stem(kind: str, image_shape: tuple[int, int, int]) -> str:
@@ -180,6 +186,7 @@ def export_onnx(
     folder: str | os.PathLike,
     *,
     source: dict | None = None,
+    fingerprint: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     validation_batches: tuple[int, ...] = DEFAULT_VALIDATION_BATCHES,
     overwrite: bool = False,
@@ -188,7 +195,8 @@ def export_onnx(
 
     Writes the three files into `folder` after validating the graph with ONNX
     Runtime; `source` (for example the checkpoint's path and sha256) is kept in
-    the sidecar. Returns the export; raises ExportError if it fails.
+    the sidecar, with `fingerprint` (`weights_fingerprint(model)`, computed if
+    not given). Returns the export; raises ExportError if it fails.
     """
     require_onnx()
     kind = _kind_of(model)
@@ -234,7 +242,7 @@ def export_onnx(
             "image_shape": list(image_shape),
             "model_type": "ebm" if kind == "ebm-grad" else "unet",
             "model_config": model.config.to_dict(),
-            "weights_fingerprint": weights_fingerprint(model),
+            "weights_fingerprint": fingerprint or weights_fingerprint(model),
             "source": source or {},
             "opset": _opset(tmp_onnx),
             "inputs": inputs_spec,
@@ -367,7 +375,7 @@ def ensure_exported(model: nn.Module, image_shape, folder, *, fingerprint: str |
         if (Path(folder) / f"{name}.json").exists():
             return load_exported(folder, kind, image_shape, expect_fingerprint=fingerprint)
         log.info("exporting the %s graph for %s to %s", kind, image_shape, folder)
-        return export_onnx(model, image_shape, folder, source=source, overwrite=True)
+        return export_onnx(model, image_shape, folder, source=source, fingerprint=fingerprint, overwrite=True)
 
 
 @contextlib.contextmanager

@@ -88,13 +88,9 @@ class _Graph:
         inputs = [t.contiguous() for t in inputs]
         for name, t in zip(self.input_names, inputs):
             binding.bind_input(name, "cuda", index, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
-        batch = inputs[0].shape[0]
-        outputs = []
-        for spec in self.exported.sidecar["outputs"]:
-            shape = [batch if d == "batch" else int(d) for d in spec["shape"]]
-            out = torch.empty(shape, dtype=torch.float32, device=self.device)
-            binding.bind_output(spec["name"], "cuda", index, np.float32, tuple(shape), out.data_ptr())
-            outputs.append(out)
+        outputs = self.exported.output_buffers(inputs[0].shape[0], self.device)
+        for name, out in zip(self.output_names, outputs):
+            binding.bind_output(name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..models.checkpoints import file_sha256
 from .exported_evaluator import ExportedEvaluator
 from .onnx_export import ExportedGraph, default_cache_dir
 
@@ -215,17 +214,13 @@ class _Engine:
         self.exported, self.device = exported, device
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        batch = inputs[0].shape[0]
-        for spec, t in zip(self.exported.sidecar["inputs"], inputs):
-            t = t.contiguous()
-            self.context.set_input_shape(spec["name"], tuple(t.shape))
-            self.context.set_tensor_address(spec["name"], t.data_ptr())
-        outputs = []
-        for spec in self.exported.sidecar["outputs"]:
-            shape = [batch if d == "batch" else int(d) for d in spec["shape"]]
-            out = torch.empty(shape, dtype=torch.float32, device=self.device)
-            self.context.set_tensor_address(spec["name"], out.data_ptr())
-            outputs.append(out)
+        inputs = [t.contiguous() for t in inputs]  # kept alive until the engine has run
+        for name, t in zip(self.exported.input_names, inputs):
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outputs = self.exported.output_buffers(inputs[0].shape[0], self.device)
+        for name, out in zip(self.exported.output_names, outputs):
+            self.context.set_tensor_address(name, out.data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run the engine for {self.exported.onnx_path}")
@@ -262,7 +257,7 @@ class TensorRTEvaluator(ExportedEvaluator):
         self.trt_version = trt.__version__
 
     def _make_runner(self, exported: ExportedGraph) -> _Engine:
-        onnx_sha = file_sha256(exported.onnx_path)
+        onnx_sha = exported.sidecar["onnx_sha256"]  # checked against the file when the export was loaded
         fields = {"onnx_sha256": onnx_sha, "precision": self.precision, "profile": asdict(self.profile),
                   "tensorrt": self.trt_version, "gpu_arch": gpu_arch(self.device)}
         key = engine_cache_key(onnx_sha, self.precision, self.profile, self.trt_version, fields["gpu_arch"])
