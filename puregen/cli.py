@@ -37,6 +37,8 @@ def _add_purify(sub) -> None:
     p.add_argument("--preset", default="paper", choices=PRESETS, help="hyperparameters (paper = published)")
     p.add_argument("--steps", type=int, help="Langevin steps (for reps: per repetition)")
     p.add_argument("--t-star", type=int, help="DDPM diffusion depth t* (reps, filt: their DDPM pass)")
+    p.add_argument("--reverse-steps", type=int, help="DDPM reverse steps actually run, spread evenly over the t* "
+                   "trained timesteps (respacing; default: all t*)")
     p.add_argument("--reps", type=int, help="repetitions R of the reps method")
     p.add_argument("--filter-frac", type=float, help="share k of highest-energy images that filt purifies")
     p.add_argument("--energy-threshold", type=float, help="fixed energy threshold for filt (no global pass)")
@@ -69,7 +71,8 @@ def _cmd_purify(args) -> int:
     manifest = purify_dataset(
         args.input, args.output, args.method, ebm=args.ebm, ddpm=args.ddpm, preset=args.preset,
         steps=args.steps, t_star=args.t_star, reps=args.reps, filter_frac=args.filter_frac,
-        energy_threshold=args.energy_threshold, jpeg_quality=args.jpeg_quality, seed=args.seed,
+        energy_threshold=args.energy_threshold, jpeg_quality=args.jpeg_quality,
+        reverse_steps=args.reverse_steps, seed=args.seed,
         batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,
         threads=args.threads, device=args.device, precision=args.precision, backend=args.backend,
         onnx_dir=args.onnx_dir, resume=args.resume, overwrite=args.overwrite, limit=args.limit, input_format=args.input_format,

@@ -83,6 +83,61 @@ def test_forward_noising_and_one_reverse_step_match_float64_formulas(arch):
     assert err < 1e-5, err  # fp32 UNet and state vs float64 over two steps
 
 
+def test_respaced_reverse_process_matches_float64_formula():
+    """t* = 10 run in 4 of its timesteps (9, 6, 3, 0): each step's beta takes abar[t_prev] to abar[t]."""
+    torch.manual_seed(0)
+    unet = UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28))
+    shape = (1, 28, 28)
+    x0 = _random_images((3, *shape), 6)
+    idx = torch.tensor([2, 0, 7])
+    t_star, seed = 10, 5
+    cfg = DiffusionConfig(t_star=t_star, reverse_steps=4)
+    from puregen.engine.schedule import DDPMSchedule
+
+    kept = DDPMSchedule().reverse_timesteps(t_star, 4)
+    assert kept == [9, 6, 3, 0]
+
+    _, abar = _float64_schedule()
+    n_fwd = philox.normal_noise(idx, shape, seed=seed, stream=philox.STREAM_DDPM_FORWARD, step=0).double()
+    x_t = math.sqrt(abar[t_star - 1]) * x0.double() + math.sqrt(1 - abar[t_star - 1]) * n_fwd
+    unet64 = UNet2D(unet.config).double().eval()
+    unet64.load_state_dict(unet.state_dict())
+    for t, t_prev in zip(kept, kept[1:] + [-1]):
+        with torch.no_grad():
+            eps = unet64(x_t, torch.full((3,), t))
+        x0_hat = ((x_t - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t])).clamp(-1, 1)
+        abar_prev = abar[t_prev] if t_prev >= 0 else 1.0
+        beta = 1 - abar[t] / abar_prev
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar[t])) * x0_hat + (
+            math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar[t])) * x_t
+        var = (1 - abar_prev) / (1 - abar[t]) * beta
+        n = philox.normal_noise(idx, shape, seed=seed, stream=philox.STREAM_DDPM_REVERSE, step=t).double()
+        x_t = mean + (math.sqrt(var) * n if t_prev >= 0 else 0)
+
+    ev = TorchEvaluator(unet=unet, micro_batch=4)
+    out = diffuse_denoise(x0, ev, cfg, indices=idx, seed=seed)
+    err = (out.double() - x_t).abs().max().item()
+    assert err < 1e-5, err  # fp32 UNet and state vs float64 over four steps
+    # All t* steps, asked for explicitly, are the unrespaced run bit for bit.
+    full = diffuse_denoise(x0, ev, DiffusionConfig(t_star=t_star), indices=idx, seed=seed)
+    same = diffuse_denoise(x0, ev, DiffusionConfig(t_star=t_star, reverse_steps=t_star), indices=idx, seed=seed)
+    assert torch.equal(full, same)
+    assert not torch.equal(full, out)
+
+
+def test_reverse_timesteps_are_spread_over_t_star():
+    from puregen.engine.schedule import DDPMSchedule
+
+    s = DDPMSchedule()
+    assert s.reverse_timesteps(75, None) == list(range(74, -1, -1))
+    assert s.reverse_timesteps(75, 200) == list(range(74, -1, -1))
+    kept = s.reverse_timesteps(75, 15)
+    assert len(kept) == 15 and kept[0] == 74 and kept[-1] == 0 and kept == sorted(kept, reverse=True)
+    assert s.reverse_timesteps(75, 1) == [74]
+    with pytest.raises(ValueError):
+        s.reverse_timesteps(75, 0)
+
+
 def test_reverse_step_at_zero_matches_diffusers_scheduler():
     from diffusers import DDPMScheduler
 

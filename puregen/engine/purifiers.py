@@ -124,12 +124,16 @@ class Purifier:
     def network_steps(self) -> int:
         """Network evaluations per image, for progress reporting."""
         c = self.config
+
+        def reverse(t_star: int) -> int:
+            return min(t_star, c.diffusion.reverse_steps or t_star)
+
         return {
             "ebm": c.langevin.steps,
-            "ddpm": c.diffusion.t_star,
-            "naive": c.langevin.steps + c.diffusion.t_star,
-            "reps": c.reps.reps * (c.reps.ebm_steps + c.reps.t_star),
-            "filt": c.filt.t_star,
+            "ddpm": reverse(c.diffusion.t_star),
+            "naive": c.langevin.steps + reverse(c.diffusion.t_star),
+            "reps": c.reps.reps * (c.reps.ebm_steps + reverse(c.reps.t_star)),
+            "filt": reverse(c.filt.t_star),
             "jpeg": 1,
         }[self.method]
 

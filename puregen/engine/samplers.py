@@ -64,7 +64,7 @@ def diffuse_denoise(
     repetition: int = 0,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Noise to index t*-1, then run the t* ancestral reverse steps t*-1 .. 0."""
+    """Noise to index t*-1, then run the ancestral reverse steps t*-1 .. 0 (all t*, or `cfg.reverse_steps` of them)."""
     schedule = DDPMSchedule(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
     t_star = cfg.t_star if t_star is None else t_star
     sqrt_abar, sqrt_one_minus = schedule.forward_coefficients(t_star)
@@ -78,13 +78,17 @@ def diffuse_denoise(
         stream=philox.stage_stream(philox.STREAM_DDPM_FORWARD, repetition),
     )
     reverse_stream = philox.stage_stream(philox.STREAM_DDPM_REVERSE, repetition)
-    for t in range(t_star - 1, -1, -1):
+    timesteps = schedule.reverse_timesteps(t_star, cfg.reverse_steps)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         eps = evaluator.epsilon(x, t)
+        # The step's noise is keyed by its trained timestep t, so a respaced run draws a subset of the
+        # full run's noise; the last step (to the clean image) adds none.
         x = kernels.ddpm_reverse_step(
             x,
             eps,
-            t=t,
-            coefs=schedule.reverse_coefficients(t),
+            t=t if t_prev >= 0 else 0,
+            coefs=schedule.reverse_coefficients(t, t_prev),
             indices=indices,
             seed=seed,
             stream=reverse_stream,

@@ -35,10 +35,32 @@ class DDPMSchedule:
         abar = self.alphas_cumprod[t_star - 1]
         return math.sqrt(abar), math.sqrt(1.0 - abar)
 
-    def reverse_coefficients(self, t: int) -> ReverseCoefficients:
+    def reverse_timesteps(self, t_star: int, steps: int | None = None) -> list[int]:
+        """The timesteps the reverse process visits, from t*-1 down to 0.
+
+        `steps` < t* keeps that many, evenly spaced (rounded), always including
+        t*-1 and 0; the steps between them are skipped, not approximated.
+        """
+        self.check_t_star(t_star)
+        if steps is None or steps >= t_star:
+            return list(range(t_star - 1, -1, -1))
+        if steps < 1:
+            raise ValueError(f"reverse steps must be >= 1, got {steps}")
+        if steps == 1:
+            return [t_star - 1]
+        kept = np.unique(np.rint(np.linspace(0, t_star - 1, steps)).astype(np.int64))
+        return [int(t) for t in kept[::-1]]
+
+    def reverse_coefficients(self, t: int, t_prev: int | None = None) -> ReverseCoefficients:
+        """Coefficients of the step t -> t_prev (default t-1; -1 means the clean image).
+
+        A respaced step t -> t_prev uses the beta that takes abar[t_prev] to abar[t]. For t_prev = t-1
+        that is betas[t]; it is taken from the table so that unrespaced runs keep their exact bits.
+        """
+        t_prev = t - 1 if t_prev is None else t_prev
         abar = self.alphas_cumprod[t]
-        abar_prev = self.alphas_cumprod[t - 1] if t > 0 else 1.0
-        beta = self.betas[t]
+        abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else 1.0
+        beta = self.betas[t] if t_prev == t - 1 else 1.0 - abar / abar_prev
         variance = beta * (1.0 - abar_prev) / (1.0 - abar)
         return ReverseCoefficients(
             recip_sqrt_abar=1.0 / math.sqrt(abar),
