@@ -1,0 +1,158 @@
+"""The two scales of `puregen eval`: the data each uses and the settings that differ between them.
+
+* `small` (default): real Fashion-MNIST on a CPU. The victim's base set is a
+  class-balanced 10,000-image subset of training rows 0-49,999; the attacker
+  owns rows 50,000-59,999 (its labelled data) and scikit-learn's digits
+  (public out-of-distribution data for Narcissus). Small CNN classifier.
+* `paper`: CIFAR-10 with ResNet-18 and the published schedules and poison
+  counts (all 50,000 training images; 500 Narcissus poisons), for GPU users.
+  CIFAR-10 has no rows to spare, so the attacker's labelled data is the
+  training set itself (the threat model of Gradient Matching and Bullseye
+  Polytope; Narcissus only reads the target class). The published Narcissus
+  crafts on Tiny-ImageNet as POOD data; `--pood DIR` gives it, and without it
+  the non-target CIFAR-10 training classes stand in (the report says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data import read_dataset
+from ..errors import InputError
+from ..training.classifier import ClassifierRecipe
+from .datasets import FASHION_MNIST_CLASSES, balanced_subset, default_fashion_mnist_root, digits_as_images, load_fashion_mnist
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SMALL_BASE_PER_CLASS = 1000
+SMALL_VICTIM_ROWS = 50_000
+
+
+@dataclass
+class ScaleData:
+    name: str
+    base_images: np.ndarray  # the victim's clean training set, uint8 NHWC
+    base_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    attacker_images: np.ndarray  # labelled data the attacker owns
+    attacker_labels: np.ndarray
+    pood_images: np.ndarray  # public out-of-distribution data (Narcissus)
+    pood_labels: np.ndarray
+    class_names: tuple[str, ...]
+    description: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.base_images, self.base_labels, self.test_images, self.test_labels):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:20]
+
+
+@dataclass
+class ScaleSettings:
+    """What the attacks, defenses and victim use at one scale (published values unless noted)."""
+
+    classifier: ClassifierRecipe
+    backdoor_target: int  # the class backdoor attacks push towards
+    poison_fraction: float = 0.01
+    amplify: float = 3.0  # Narcissus' test-time trigger multiplier
+    targets: int = 20  # targeted attacks: cases per cell
+    seeds: int = 3  # backdoor attacks: classifier seeds per cell
+    ebm_steps: int = 150
+    ddpm_t_star: int = 75
+    ddpm_reverse_steps: int | None = None  # None: all t*
+    precision: str = "fp32"  # of the purifiers' network evaluations
+    micro_batch: int = 64
+    jpeg_qualities: tuple[int, ...] = (75,)
+    full_jpeg_qualities: tuple[int, ...] = (90, 75, 50, 25)
+
+
+def small_settings() -> ScaleSettings:
+    # Fashion-MNIST is usually trained without augmentation. The victim gets a short schedule so that
+    # the default table (156 classifiers) fits an hour on 2 cores; see docs/results-small.md.
+    return ScaleSettings(
+        classifier=ClassifierRecipe(epochs=4, batch_size=128, lr=0.05, crop_padding=0, flip=False, precision="bf16"),
+        backdoor_target=8,  # Bag, as in the demo
+        # 15 of the 75 reverse steps (respacing): the full 75 take 20+ minutes per 10,000 images here.
+        ddpm_reverse_steps=15,
+        precision="bf16",
+    )
+
+
+def paper_settings() -> ScaleSettings:
+    return ScaleSettings(classifier=ClassifierRecipe.preset("paper"), backdoor_target=2)  # Narcissus' bird
+
+
+def load_small(data: str | Path | None) -> ScaleData:
+    root = Path(data) if data else default_fashion_mnist_root()
+    train, test = load_fashion_mnist(root, "train"), load_fashion_mnist(root, "test")
+    subset = balanced_subset(train.labels[:SMALL_VICTIM_ROWS], SMALL_BASE_PER_CLASS, seed=0)
+    digits = digits_as_images(train.images.shape[1])
+    return ScaleData(
+        "small", train.images[subset], train.labels[subset].astype(np.int64), test.images,
+        test.labels.astype(np.int64), train.images[SMALL_VICTIM_ROWS:],
+        train.labels[SMALL_VICTIM_ROWS:].astype(np.int64), digits.images, digits.labels, FASHION_MNIST_CLASSES,
+        f"Fashion-MNIST ({root}): 10,000-image class-balanced base set from training rows 0-49,999; the attacker "
+        f"owns rows 50,000-59,999 and scikit-learn's digits (upsampled to 28x28) as public OOD data",
+    )
+
+
+def load_paper(data: str | Path | None, pood: str | Path | None = None) -> ScaleData:
+    if not data:
+        raise InputError("--scale paper needs --data DIR: a folder with the CIFAR-10 python batches "
+                         "(cifar-10-batches-py, from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    train = read_dataset(data, format="cifar", split="train", num_classes=10)
+    test = read_dataset(data, format="cifar", split="test", num_classes=10)
+    if train.labels is None or test.labels is None:
+        raise InputError(f"{data}: the CIFAR-10 batches carry no labels")
+    if train.images.shape[1:] != (32, 32, 3):
+        raise InputError(f"{data}: CIFAR-10 images are 32x32x3, these are {train.images.shape[1:]}")
+    notes = []
+    if pood:
+        ood = read_dataset(pood)
+        if ood.labels is None:
+            raise InputError(f"{pood}: the POOD data needs labels (the Narcissus surrogate is a classifier)")
+        pood_images, pood_labels = ood.images, ood.labels.astype(np.int64)
+    else:
+        pood_images, pood_labels = train.images, train.labels.astype(np.int64)
+        notes.append("No --pood data: the Narcissus surrogate trains on the CIFAR-10 training classes other than the "
+                     "target (the published attack uses Tiny-ImageNet).")
+    return ScaleData(
+        "paper", train.images, train.labels.astype(np.int64), test.images, test.labels.astype(np.int64),
+        train.images, train.labels.astype(np.int64), pood_images, pood_labels, CIFAR10_CLASSES,
+        f"CIFAR-10 ({data}): all {len(train.images)} training images; the attacker knows the training set", notes,
+    )
+
+
+def scale_settings(name: str) -> ScaleSettings:
+    if name == "small":
+        return small_settings()
+    if name == "paper":
+        return paper_settings()
+    raise InputError(f"unknown scale {name!r}; choose small or paper")
+
+
+def smoke_data(data: ScaleData, per_class: int = 20, test_images: int = 500) -> ScaleData:
+    """A few images per class of the base set and the first test images: enough for every stage to run."""
+    keep = np.sort(np.concatenate([np.flatnonzero(data.base_labels == c)[:per_class] for c in range(data.num_classes)]))
+    return dataclasses.replace(data, base_images=data.base_images[keep], base_labels=data.base_labels[keep],
+                               test_images=data.test_images[:test_images], test_labels=data.test_labels[:test_images],
+                               description=data.description + f" (smoke test: {len(keep)} base images)")
+
+
+def smoke_settings(settings: ScaleSettings) -> ScaleSettings:
+    """The smallest settings that still run every stage: a pipeline check, not a measurement."""
+    return dataclasses.replace(
+        settings, classifier=dataclasses.replace(settings.classifier, epochs=1), targets=2, seeds=1, ebm_steps=2,
+        ddpm_t_star=4, ddpm_reverse_steps=None, micro_batch=8,
+    )
