@@ -84,14 +84,15 @@ def test_augment_is_a_shift_and_flip():
     assert torch.equal(centre, x)
 
 
-def test_classifier_learns_a_separable_problem():
+@pytest.mark.parametrize("arch", ["small-cnn", "fast-cnn"])
+def test_classifier_learns_a_separable_problem(arch):
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(200) % 2
     images = torch.randn(200, 1, 12, 12, generator=g) * 0.3
     images[labels == 1, :, :6] += 1.0  # class 1 is bright on top
     images = images.clamp(-1, 1)
     model = train_classifier(images, labels, 2, dataclasses.replace(ClassifierRecipe.preset("tiny"), epochs=5,
-                             batch_size=20, flip=False), progress=False)
+                             batch_size=20, flip=False, arch=arch), progress=False)
     assert accuracy(model, images, labels) > 0.9
 
 

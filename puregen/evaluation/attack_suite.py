@@ -238,7 +238,8 @@ def feature_extractor(ctx: AttackContext) -> torch.nn.Module:
     key = d.fingerprint() + json.dumps(ctx.settings.classifier.to_dict(), sort_keys=True)
     if key not in _EXTRACTORS:
         keep = np.isin(d.attacker_labels, source)
-        recipe = dataclasses.replace(ctx.settings.classifier, seed=ATTACKER_SEED)
+        recipe = dataclasses.replace(ctx.settings.classifier, arch=ctx.settings.extractor_arch,
+                                     epochs=ctx.settings.extractor_epochs, seed=ATTACKER_SEED)
         _EXTRACTORS[key] = train_feature_extractor(d.attacker_images[keep], d.attacker_labels[keep], len(source),
                                                    recipe, progress=ctx.progress)
     return _EXTRACTORS[key]

@@ -115,6 +115,7 @@ class Victim:
                                     progress=self.progress, desc=desc)
         _, classes = transfer_split(self.data.num_classes)
         keep = np.isin(labels, classes)
+        recipe = dataclasses.replace(recipe, epochs=self.settings.transfer_epochs)
         if transfer == "finetune":
             recipe = dataclasses.replace(recipe, lr=recipe.lr * FINETUNE_LR_FACTOR)
         return train_transfer(feature_extractor(self.actx), images[keep], labels[keep] - int(classes[0]),

@@ -73,6 +73,11 @@ class ScaleSettings:
     ddpm_reverse_steps: int | None = None  # None: all t*
     precision: str = "fp32"  # of the purifiers' network evaluations
     micro_batch: int = 64
+    # Bullseye Polytope's public feature extractor (trained on the other half of the classes) and the
+    # epochs of the transfer victim on top of it.
+    extractor_arch: str = "small-cnn"
+    extractor_epochs: int = 8
+    transfer_epochs: int = 10
     jpeg_qualities: tuple[int, ...] = (75,)
     full_jpeg_qualities: tuple[int, ...] = (90, 75, 50, 25)
 
@@ -81,16 +86,18 @@ def small_settings() -> ScaleSettings:
     # Fashion-MNIST is usually trained without augmentation. The victim gets a short schedule so that
     # the default table (156 classifiers) fits an hour on 2 cores; see docs/results-small.md.
     return ScaleSettings(
-        classifier=ClassifierRecipe(epochs=4, batch_size=128, lr=0.05, crop_padding=0, flip=False, precision="bf16"),
+        classifier=ClassifierRecipe(arch="fast-cnn", epochs=4, batch_size=128, lr=0.05, crop_padding=0, flip=False,
+                                    precision="bf16"),
         backdoor_target=8,  # Bag, as in the demo
-        # 15 of the 75 reverse steps (respacing): the full 75 take 20+ minutes per 10,000 images here.
-        ddpm_reverse_steps=15,
+        # 10 of the 75 reverse steps (respacing): the full 75 take 20+ minutes per 10,000 images here.
+        ddpm_reverse_steps=10,
         precision="bf16",
     )
 
 
 def paper_settings() -> ScaleSettings:
-    return ScaleSettings(classifier=ClassifierRecipe.preset("paper"), backdoor_target=2)  # Narcissus' bird
+    return ScaleSettings(classifier=ClassifierRecipe.preset("paper"), backdoor_target=2,  # Narcissus' bird
+                         extractor_arch="resnet18", extractor_epochs=200, transfer_epochs=40)
 
 
 def load_small(data: str | Path | None) -> ScaleData:
@@ -154,5 +161,6 @@ def smoke_settings(settings: ScaleSettings) -> ScaleSettings:
     """The smallest settings that still run every stage: a pipeline check, not a measurement."""
     return dataclasses.replace(
         settings, classifier=dataclasses.replace(settings.classifier, epochs=1), targets=2, seeds=1, ebm_steps=2,
+        extractor_epochs=1, transfer_epochs=1,
         ddpm_t_star=4, ddpm_reverse_steps=None, micro_batch=8,
     )
