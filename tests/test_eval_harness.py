@@ -222,3 +222,11 @@ def test_paper_scale_without_data_or_with_the_wrong_checkpoint_fails_clearly(tmp
             "-o", tmp_path / "o", "--no-progress")
     assert r.returncode != 0
     assert "28x28" in r.stderr or "channel" in r.stderr, r.stderr[-2000:]
+
+
+def test_missing_matplotlib_is_reported_before_any_work(monkeypatch):
+    from puregen.evaluation.report import require_matplotlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(InputError, match=r"puregen\[eval\]"):
+        require_matplotlib()

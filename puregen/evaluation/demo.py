@@ -27,6 +27,7 @@ from ..engine.pipeline import config_fingerprint, dataset_fingerprint
 from ..engine.workers import keep_thread_count, purify_in_workers
 from ..errors import InputError
 from ..training.classifier import ClassifierRecipe
+from ..training.loop import fastest_training_precision
 from .datasets import FASHION_MNIST_CLASSES, balanced_subset, load_fashion_mnist
 from .figures import image_grid
 from .harness import (
@@ -69,7 +70,7 @@ class DemoConfig:
     workers: int = 2
     # Fashion-MNIST is usually trained without augmentation; 60 epochs on 1,000 images fit the training set.
     classifier: ClassifierRecipe = field(default_factory=lambda: ClassifierRecipe(
-        epochs=60, crop_padding=0, flip=False, weight_decay=0.0, precision="bf16"))
+        epochs=60, crop_padding=0, flip=False, weight_decay=0.0, precision=fastest_training_precision()))
     progress: bool = True
 
     @property

@@ -37,7 +37,9 @@ from .attack_suite import (
 from .attacks.bullseye import train_transfer
 from .defending import Checkpoints, DefenseContext, PreparedDefense, default_defenses, defense_spec
 from .poison_set import PoisonSet
-from .report import Row, markdown_table, plot_cells, read_rows, summarize, write_rows, write_summary_csv
+from .report import (
+    Row, markdown_table, plot_cells, read_rows, require_matplotlib, summarize, write_rows, write_summary_csv,
+)
 from .scales import ScaleData, ScaleSettings, load_paper, load_small, scale_settings, smoke_data, smoke_settings
 
 FINETUNE_LR_FACTOR = 0.1  # fine-tuning a pre-trained extractor takes a smaller step than training from scratch
@@ -145,6 +147,7 @@ def _row_key(*parts) -> str:
 
 def run_eval(cfg: EvalConfig) -> dict:
     t_start = time.perf_counter()
+    require_matplotlib()  # before an hour of work, not at its end
     threads = pin_threads(cfg.threads)
     settings = _settings(cfg)
     data = load_small(cfg.data) if cfg.scale == "small" else load_paper(cfg.data, cfg.pood)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.atomic import atomic_write_file
+from ..errors import InputError
 
 Z95 = 1.959963984540054
 
@@ -143,6 +144,13 @@ def write_summary_csv(path: Path, cells: list[Cell]) -> None:
         w.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(c).items()})
     with atomic_write_file(path) as f:
         f.write(buf.getvalue().encode())
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise InputError("matplotlib is needed for puregen eval's plots: pip install 'puregen[eval]'") from e
 
 
 def plot_cells(path: Path, cells: list[Cell], attack_labels: dict[str, str], defense_labels: dict[str, str]) -> None:
