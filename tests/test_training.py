@@ -149,3 +149,15 @@ def test_ebm_bank_smaller_than_a_batch_is_refused(data, tmp_path):
     recipe = dataclasses.replace(EBMRecipe.preset("tiny"), bank_size=4, batch_size=8)
     with pytest.raises(InputError, match="bank"):
         train_ebm(data, tmp_path / "run", recipe, progress=False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_training_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    from puregen.evaluation.defenses.friendly_noise import FriendlyNoiseRecipe
+    from puregen.evaluation.scales import small_settings
+    from puregen.training import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    expected = "bf16" if native else "fp32"  # emulated bf16 trained 2.4x slower than fp32
+    assert loop.fastest_training_precision() == expected
+    assert small_settings().classifier.precision == expected and FriendlyNoiseRecipe().precision == expected
