@@ -93,7 +93,7 @@ def small_settings() -> ScaleSettings:
         classifier=ClassifierRecipe(arch="fast-cnn", epochs=3, batch_size=128, lr=0.05, crop_padding=0, flip=False,
                                     precision=fastest_training_precision()),
         backdoor_target=8,  # Bag, as in the demo
-        # 10 of the 75 reverse steps (respacing): the full 75 take 20+ minutes per 10,000 images here.
+        # 10 of the 75 reverse steps (respacing): all 75 would take about 28 minutes per 10,000 images here.
         ddpm_reverse_steps=10,
         precision=resolve_precision("auto", torch.device("cpu")),  # bf16 only where the CPU has it natively
     )

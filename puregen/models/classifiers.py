@@ -68,7 +68,8 @@ class FastCNN(nn.Module):
 
     def forward(self, x):
         features = self.features(x)
-        if features.shape[-2:] != (7, 7):  # 28x28 inputs give 7x7 already, and the identity pool costs a tenth of a step
+        # 28x28 inputs give 7x7 already, and the identity pool there cost a tenth of a training step.
+        if features.shape[-2:] != (7, 7):
             features = F.adaptive_avg_pool2d(features, 7)
         return self.head(features.flatten(1))
 
