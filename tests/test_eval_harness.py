@@ -208,10 +208,14 @@ def test_paper_scale_smoke_run_on_cifar_format_files_and_resume(tmp_path):
     assert len(rows) == 16 and {r["defense"] for r in rows} == {"none", "jpeg-75", "ebm", "ddpm"}
     poisons = sorted(p.name.split("-")[0] for p in (out / "poisons").iterdir())
     assert poisons == ["badnets", "gradient", "narcissus"]
+    # 16 rows + 1 clean reference model (1 seed)
+    assert result["classifiers_trained"] == 17 and (out / "chance.json").is_file()
     before = (out / "results.csv").read_bytes()
     again = cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (out / "results.csv").read_bytes() == before  # every cell came from the cache: nothing retrained
+    assert (out / "results.csv").read_bytes() == before  # every cell came from the cache
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["classifiers_trained"] == 0 and rerun["chance"] == result["chance"]  # the references too
 
 
 def test_paper_scale_without_data_or_with_the_wrong_checkpoint_fails_clearly(tmp_path):

@@ -42,6 +42,7 @@ from .report import (
 )
 from .scales import ScaleData, ScaleSettings, load_paper, load_small, scale_settings, smoke_data, smoke_settings
 
+CHANCE_FILE = "chance.json"  # the clean reference models' success per attack, keyed like the rows
 FINETUNE_LR_FACTOR = 0.1  # fine-tuning a pre-trained extractor takes a smaller step than training from scratch
 
 
@@ -100,6 +101,7 @@ class Victim:
         self.test = to_model_space(data.test_images, "test images")
         self.test_labels = torch.from_numpy(data.test_labels)
         self._triggered: dict[str, torch.Tensor] = {}
+        self.trained = 0  # classifiers trained by this invocation (a resumed run trains only what is missing)
 
     def _triggered_test(self, ps: PoisonSet) -> torch.Tensor:
         key = ps.attack
@@ -112,6 +114,7 @@ class Victim:
     def train(self, images: np.ndarray, labels: np.ndarray, transfer: str | None, seed: int, overrides: dict,
               desc: str):
         recipe = dataclasses.replace(self.settings.classifier, seed=seed, **overrides)
+        self.trained += 1
         if not transfer:
             return train_classifier(to_model_space(images), torch.from_numpy(labels), self.data.num_classes, recipe,
                                     progress=self.progress, desc=desc)
@@ -139,6 +142,10 @@ class Victim:
             return natural, float(int(pred[0]) + offset == ps.target_class)
         hit = predict(model, self._triggered_test(ps), precision=precision) + offset == ps.target_class
         return natural, float(hit.float().mean())
+
+
+def _poison_digest(ps: PoisonSet) -> str:
+    return hashlib.sha256(ps.images.tobytes() + ps.indices.tobytes()).hexdigest()[:16]
 
 
 def _row_key(*parts) -> str:
@@ -178,7 +185,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                           smoke=cfg.smoke, progress=cfg.progress)
     classifier_key = settings.classifier.to_dict()
     t0 = time.perf_counter()
-    chance = _clean_reference(victim, data, settings, attacks, poisons)
+    chance = _clean_reference(victim, data, settings, attacks, poisons, cfg.out / CHANCE_FILE)
     timings["clean reference"] = round(time.perf_counter() - t0, 1)
     for name in defenses:
         spec = defense_spec(name)
@@ -190,8 +197,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             aspec = ATTACKS[attack]
             for case, ps in enumerate(poisons[attack]):
                 seeds = [case] if aspec.targeted else list(range(settings.seeds))
-                poison_digest = hashlib.sha256(ps.images.tobytes() + ps.indices.tobytes()).hexdigest()[:16]
-                keys = {s: _row_key(attack, case, poison_digest, defense.key, s, classifier_key, aspec.transfer_mode)
+                keys = {s: _row_key(attack, case, _poison_digest(ps), defense.key, s, classifier_key,
+                                    aspec.transfer_mode)
                         for s in seeds}
                 if all(k in done for k in keys.values()):
                     rows.extend(done[k] for k in keys.values())
@@ -224,7 +231,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         "table_markdown": table,
         "cells": [asdict(c) for c in cells],
         "chance": chance,
-        "timings": timings,
+        "timings": timings,  # of this invocation
+        "classifiers_trained": victim.trained,  # by this invocation; the others came from results.csv
         "setup": {
             "scale": cfg.scale, "smoke": cfg.smoke, "data": data.description, "notes": data.notes,
             "attacks": attacks, "defenses": defenses, "seeds": settings.seeds, "targets": settings.targets,
@@ -246,21 +254,26 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def _clean_reference(victim: Victim, data: ScaleData, settings: ScaleSettings, attacks: list[str],
-                     poisons: dict[str, list[PoisonSet]]) -> dict[str, float]:
+                     poisons: dict[str, list[PoisonSet]], cache_path: Path) -> dict[str, float]:
     """Each attack's chance level: its success measured on classifiers trained on the clean base set
     (backdoors: the mean over the seeds; targeted attacks: the share of targets the seed-0 model already
-    puts in the adversarial class)."""
-    chance: dict[str, float] = {}
-    for mode in dict.fromkeys(ATTACKS[a].transfer_mode for a in attacks):
+    puts in the adversarial class). Cached in `cache_path`, so that a resumed run trains nothing."""
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    keys = {a: _row_key("chance", a, [_poison_digest(p) for p in poisons[a]], data.fingerprint(),
+                        settings.classifier.to_dict(), settings.seeds) for a in attacks}
+    chance = {a: float(cache[k]) for a, k in keys.items() if k in cache}
+    for mode in dict.fromkeys(ATTACKS[a].transfer_mode for a in attacks if a not in chance):
         models = [victim.train(data.base_images, data.base_labels, mode, s, {},
                                f"train [clean reference{f', {mode}' if mode else ''}, seed {s}]")
                   for s in range(settings.seeds)]
-        for attack in (a for a in attacks if ATTACKS[a].transfer_mode == mode):
+        for attack in (a for a in attacks if ATTACKS[a].transfer_mode == mode and a not in chance):
             if ATTACKS[attack].targeted:
                 hits = [victim.measure(models[0], ps, mode)[1] for ps in poisons[attack]]
             else:
                 hits = [victim.measure(m, poisons[attack][0], mode)[1] for m in models]
-            chance[attack] = 100 * float(np.mean(hits))
+            chance[attack] = cache[keys[attack]] = 100 * float(np.mean(hits))
+        with atomic_write_file(cache_path) as f:
+            f.write((json.dumps(cache, indent=1, sort_keys=True) + "\n").encode())
     return chance
 
 
