@@ -82,10 +82,15 @@ def augment(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> to
     return x
 
 
+def in_classifier_layout(x: torch.Tensor) -> torch.Tensor:
+    """Classifiers and their inputs are channels_last in every precision: the CPU convolutions and pools
+    ran 1.3-1.4x faster on it than on NCHW in fp32 too."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _setup(in_channels: int, num_classes: int, recipe: ClassifierRecipe):
     check_precision(recipe.precision)
     torch.manual_seed(recipe.seed)
-    # channels_last in fp32 too: the CPU convolutions and pools run 1.3-1.4x faster on it than on NCHW.
     model = build_classifier(recipe.arch, in_channels, num_classes).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, nesterov=True)
@@ -110,7 +115,7 @@ def _fit(model, opt, images, labels, recipe: ClassifierRecipe, start: int, stop:
             signs = torch.randint(0, 2, x.shape, generator=g, dtype=x.dtype) * 2 - 1
             x = (x + signs * (2 * recipe.input_noise)).clamp(-1, 1)  # model space spans twice pixel units
         set_lr(opt, cosine_with_warmup(step, total, min(50, total // 10), recipe.lr))
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = in_classifier_layout(x)
         with autocast(recipe.precision):
             loss = F.cross_entropy(model(x).float(), labels[idx])
         if not math.isfinite(loss.item()):
@@ -185,7 +190,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512, preci
     model.eval()
     preds = []
     for s in range(0, len(images), batch_size):
-        x = images[s : s + batch_size].contiguous(memory_format=torch.channels_last)
+        x = in_classifier_layout(images[s : s + batch_size])
         with autocast(precision):
             preds.append(model(x).float().argmax(1))
     return torch.cat(preds)

@@ -62,7 +62,7 @@ from torch import nn
 
 from ...data import to_model_space
 from ...errors import InputError
-from ...training.classifier import ClassifierRecipe, _fit, total_steps, train_classifier
+from ...training.classifier import ClassifierRecipe, _fit, in_classifier_layout, total_steps, train_classifier
 from ...training.loop import Progress, autocast, batch_indices, check_precision, cosine_with_warmup, set_lr
 
 TRANSFER_MODES = ("linear", "finetune")
@@ -296,9 +296,7 @@ def train_transfer(extractor: nn.Module, images_u8: np.ndarray, labels: np.ndarr
     torch.manual_seed(recipe.seed)
     # A copy: the victim's training must leave the caller's extractor (weights, requires_grad) as it was.
     own = copy.deepcopy(as_feature_extractor(extractor))
-    model = TransferClassifier(own, num_classes, frozen=mode == "linear")
-    if recipe.precision == "bf16":
-        model = model.to(memory_format=torch.channels_last)
+    model = TransferClassifier(own, num_classes, frozen=mode == "linear").to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                           nesterov=True)
@@ -318,7 +316,7 @@ def _fit_head_on_features(model: TransferClassifier, opt, x, y, recipe: Classifi
     same schedule), many times faster."""
     model.eval()
     with torch.no_grad(), autocast(recipe.precision):
-        feats = torch.cat([model.extractor.features(_layout(x[s : s + 512], recipe)).float()
+        feats = torch.cat([model.extractor.features(in_classifier_layout(x[s : s + 512])).float()
                            for s in range(0, len(x), 512)])
     model.head.train()
     for step in range(total):
@@ -334,7 +332,3 @@ def _fit_head_on_features(model: TransferClassifier, opt, x, y, recipe: Classifi
         bar.update(step, loss=loss.item())
     bar.close()
     model.eval()
-
-
-def _layout(x: torch.Tensor, recipe: ClassifierRecipe) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if recipe.precision == "bf16" else x

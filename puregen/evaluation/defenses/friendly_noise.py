@@ -53,7 +53,7 @@ from torch import nn
 
 from ...data import to_model_space
 from ...errors import InputError
-from ...training.classifier import ClassifierRecipe, predict, train_classifier
+from ...training.classifier import ClassifierRecipe, in_classifier_layout, predict, train_classifier
 from ...training.loop import Progress, autocast, check_precision, fastest_training_precision
 from ...training.state import step_generator
 
@@ -108,7 +108,7 @@ def _check_images(images_u8) -> None:
 
 
 def _log_probs(model: nn.Module, pixels: torch.Tensor, precision: str) -> torch.Tensor:
-    x = (pixels * 2 - 1).contiguous(memory_format=torch.channels_last)  # model space, in the classifiers' layout
+    x = in_classifier_layout(pixels * 2 - 1)  # model space
     with autocast(precision):
         return F.log_softmax(model(x).float(), dim=1)
 
