@@ -155,9 +155,10 @@ def test_ebm_bank_smaller_than_a_batch_is_refused(data, tmp_path):
 def test_training_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     from puregen.evaluation.defenses.friendly_noise import FriendlyNoiseRecipe
     from puregen.evaluation.scales import small_settings
+    from puregen.engine import fastpath
     from puregen.training import loop
 
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: native)
     expected = "bf16" if native else "fp32"  # emulated bf16 trained 2.4x slower than fp32
     assert loop.fastest_training_precision() == expected
     assert small_settings().classifier.precision == expected and FriendlyNoiseRecipe().precision == expected
