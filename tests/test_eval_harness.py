@@ -216,6 +216,12 @@ def test_paper_scale_smoke_run_on_cifar_format_files_and_resume(tmp_path):
     assert (out / "results.csv").read_bytes() == before  # every cell came from the cache
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["classifiers_trained"] == 0 and rerun["chance"] == result["chance"]  # the references too
+    assert rerun["earlier_timings"] == [result["timings"]]  # the first run's timings survive the rerun
+    (out / "chance.json").write_text('{"cut short')
+    broken = cli(*args)
+    assert broken.returncode != 0 and "chance.json" in broken.stderr and "not valid JSON" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert (out / "results.csv").read_bytes() == before  # nothing written is lost
 
 
 def test_paper_scale_without_data_or_with_the_wrong_checkpoint_fails_clearly(tmp_path):

@@ -232,6 +232,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "cells": [asdict(c) for c in cells],
         "chance": chance,
         "timings": timings,  # of this invocation
+        "earlier_timings": _earlier_timings(cfg.out / "results.json"),
         "classifiers_trained": victim.trained,  # by this invocation; the others came from results.csv
         "setup": {
             "scale": cfg.scale, "smoke": cfg.smoke, "data": data.description, "notes": data.notes,
@@ -258,7 +259,7 @@ def _clean_reference(victim: Victim, data: ScaleData, settings: ScaleSettings, a
     """Each attack's chance level: its success measured on classifiers trained on the clean base set
     (backdoors: the mean over the seeds; targeted attacks: the share of targets the seed-0 model already
     puts in the adversarial class). Cached in `cache_path`, so that a resumed run trains nothing."""
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = _read_chance_cache(cache_path)
     keys = {a: _row_key("chance", a, [_poison_digest(p) for p in poisons[a]], data.fingerprint(),
                         settings.classifier.to_dict(), settings.seeds) for a in attacks}
     chance = {a: float(cache[k]) for a, k in keys.items() if k in cache}
@@ -275,6 +276,31 @@ def _clean_reference(victim: Victim, data: ScaleData, settings: ScaleSettings, a
         with atomic_write_file(cache_path) as f:
             f.write((json.dumps(cache, indent=1, sort_keys=True) + "\n").encode())
     return chance
+
+
+def _read_chance_cache(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: the cached chance levels are not valid JSON ({e}); delete the file and "
+                         "the clean reference models are trained again") from None
+    if not isinstance(cache, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in cache.values()):
+        raise InputError(f"{path}: the cached chance levels must be a JSON object of numbers; delete the file "
+                         "and the clean reference models are trained again")
+    return cache
+
+
+def _earlier_timings(path: Path) -> list[dict]:
+    """The timings of the earlier invocations in this folder, oldest first, from the results.json about to be
+    replaced: a resumed run times only its own work, and the first run's timings are the ones worth keeping."""
+    try:
+        old = json.loads(path.read_text())
+        return list(old.get("earlier_timings", [])) + [old["timings"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # none yet, or unreadable: it is about to be rewritten either way
 
 
 def report_markdown(result: dict) -> str:
