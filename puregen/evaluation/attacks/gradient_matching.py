@@ -96,6 +96,8 @@ def gradient_matching_loss(model: nn.Module, poisons: torch.Tensor, poison_label
     if len(target_grad) != len(params) or any(t.shape != p.shape for t, p in zip(target_grad, params)):
         raise InputError("target_grad does not match the model's trainable parameters; "
                          "compute it with adversarial_gradient on the same model")
+    # NCHW even for channels_last classifiers: the double backward ran slower in channels_last (a 30-step
+    # small-scale target took 5.4 s instead of 4.4 s on 2 cores, with identical poisons).
     loss = F.cross_entropy(model(poisons).float(), poison_labels)
     # create_graph: the cosine is optimised through the gradient itself (a second-order derivative in the poisons).
     grads = torch.autograd.grad(loss, params, create_graph=True)
