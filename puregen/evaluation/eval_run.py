@@ -157,10 +157,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     require_matplotlib()  # before an hour of work, not at its end
     threads = pin_threads(cfg.threads)
     settings = _settings(cfg)
+    attacks, defenses = _names(cfg, settings)  # a mistyped name is reported before the data is read
     data = load_small(cfg.data) if cfg.scale == "small" else load_paper(cfg.data, cfg.pood)
     if cfg.smoke:
         data = smoke_data(data)
-    attacks, defenses = _names(cfg, settings)
     cfg.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
