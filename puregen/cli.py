@@ -197,6 +197,9 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--langevin-steps", type=int, help="EBM: Langevin steps per update")
+    p.add_argument("--ema-decay", type=float,
+                   help="EBM: keep an exponential moving average of the weights (e.g. 0.999) and save it "
+                   "as the run's model (default: the preset's; none for small and paper)")
     p.add_argument("--epochs", type=int, help="classifier: epochs (default: the preset's)")
     p.add_argument("--precision", choices=("fp32", "bf16"),
                    help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32)")
@@ -210,7 +213,7 @@ def _add_train(sub) -> None:
 
 
 # The recipe options that only some kinds of training have.
-TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "precision"}, "ddpm": {"steps", "precision"},
+TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "ema_decay", "precision"}, "ddpm": {"steps", "precision"},
                  "classifier": {"epochs", "precision"}}
 
 
@@ -224,8 +227,8 @@ def _cmd_train(args) -> int:
     data = load_training_data(args.data, limit=args.limit)
     channels = data.images.shape[1]
     changes = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    specific = {"steps": args.steps, "langevin_steps": args.langevin_steps, "epochs": args.epochs,
-                "precision": args.precision}
+    specific = {"steps": args.steps, "langevin_steps": args.langevin_steps, "ema_decay": args.ema_decay,
+                "epochs": args.epochs, "precision": args.precision}
     for name, value in specific.items():
         if value is None:
             continue

@@ -145,6 +145,28 @@ def test_bf16_training_losses_follow_fp32(data):
         train_ddpm(data, "unused", dataclasses.replace(DDPMRecipe.preset("tiny"), precision="fp16"), progress=False)
 
 
+def test_ebm_weight_average_is_exported_and_resumes_exactly(data, tmp_path):
+    from puregen.models.safetensors_io import read_safetensors
+
+    recipe = dataclasses.replace(EBMRecipe.preset("tiny"), steps=6, ema_decay=0.5)
+    train_ebm(data, tmp_path / "whole", recipe, progress=False, checkpoint_every=2)
+    train_ebm(data, tmp_path / "split", recipe, progress=False, max_steps_this_call=4)
+    train_ebm(data, tmp_path / "split", recipe, progress=False, resume=True)
+    exported, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    state = read_safetensors(tmp_path / "whole" / "training_state.safetensors")
+    raw = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    for k in exported:
+        assert torch.equal(exported[k], resumed[k]), k
+        assert torch.equal(exported[k], state[f"extra.ema.{k}"]), k
+    # decay 0.5 over 6 steps leaves the average visibly behind the raw weights
+    assert any(not torch.allclose(exported[k], raw[k]) for k in exported)
+    with pytest.raises(InputError, match="ema_decay"):  # another decay is another recipe
+        train_ebm(data, tmp_path / "whole", dataclasses.replace(recipe, ema_decay=0.9), resume=True,
+                  progress=False)
+    with pytest.raises(InputError, match="EMA decay"):
+        train_ebm(data, tmp_path / "bad", dataclasses.replace(recipe, ema_decay=1.0), progress=False)
+
+
 def test_ebm_bank_smaller_than_a_batch_is_refused(data, tmp_path):
     recipe = dataclasses.replace(EBMRecipe.preset("tiny"), bank_size=4, batch_size=8)
     with pytest.raises(InputError, match="bank"):

@@ -10,6 +10,7 @@ every checkpoint, so a run resumes exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .loop import (
     autocast,
     batch_indices,
     check_precision,
+    ema_update,
     open_run,
     save_run,
     set_lr,
@@ -50,6 +52,10 @@ class EBMRecipe:
     in_channels: int = 1
     seed: int = 0
     precision: str = "fp32"  # "bf16": autocast the network; samples, bank and update stay fp32
+    # An exponential moving average of the weights, saved as the run's model when set. Maximum-likelihood
+    # training wanders from checkpoint to checkpoint as the model chases its own sample bank; the average
+    # damps that. The negative samples always come from the raw weights, as the recipe defines them.
+    ema_decay: float | None = None
 
     @classmethod
     def preset(cls, name: str, in_channels: int = 1) -> EBMRecipe:
@@ -69,6 +75,8 @@ class EBMRecipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lr_decay_at"] = list(self.lr_decay_at)
+        if d["ema_decay"] is None:  # runs written before the option existed resume unchanged
+            del d["ema_decay"]
         return d
 
     @property
@@ -106,6 +114,8 @@ def train_ebm(
     """Train (or continue training) an EBM; returns the final info. The run folder is a checkpoint."""
     run_dir = Path(run_dir)
     check_precision(recipe.precision)
+    if recipe.ema_decay is not None and not 0.0 < recipe.ema_decay < 1.0:
+        raise InputError(f"the EMA decay must lie in (0, 1), got {recipe.ema_decay}")
     if recipe.bank_size < recipe.batch_size:
         raise InputError(f"the sample bank ({recipe.bank_size}) must hold at least one batch ({recipe.batch_size})")
     if data.images.shape[1] != recipe.in_channels:
@@ -119,10 +129,18 @@ def train_ebm(
         bank = extra["bank"]
     else:  # step -1: the bank's initial draw, disjoint from every training step's generator
         bank = _noisy_data(data, recipe.bank_size, recipe.data_jitter, step_generator(recipe.seed, -1))
+    ema = None
+    if recipe.ema_decay is not None:
+        ema = copy.deepcopy(ebm).requires_grad_(False)
+        if start:
+            ema.load_state_dict({k: extra[f"ema.{k}"] for k in ema.state_dict()})
 
     def save(step: int) -> None:
+        tensors = {"bank": bank}
+        if ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         save_run(run_dir, "ebm", recipe.to_dict(), data, history, step=step, model=ebm, optimizer=opt,
-                 extra_tensors={"bank": bank})
+                 export_model=ema, extra_tensors=tensors)
 
     stop = stop_step(start, recipe.steps, max_steps_this_call)
     bar = Progress(recipe.steps, start, "train ebm", recipe.batch_size, progress)
@@ -150,6 +168,8 @@ def train_ebm(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema_update(ema, ebm, recipe.ema_decay)
         gap = -loss.item() * recipe.temp  # E(neg) - E(pos): positive when data sits lower than samples
         running = gap if running is None else 0.98 * running + 0.02 * gap
         bar.update(step, energy_gap=running)
