@@ -292,6 +292,25 @@ def test_trigger_retention_is_one_for_identity_zero_for_constant_and_between_for
                                                                            EPS, 0))
 
 
+def test_random_sign_triggers_fill_their_budget_and_coarse_ones_survive_a_blur():
+    from puregen.evaluation.retention import random_sign_triggers, retention_of_triggers, trigger_retention
+
+    coarse, fine = random_sign_triggers((28, 28, 1), EPS, grids=(4, 14), seed=3)
+    for t in (coarse, fine):
+        assert np.array_equal(np.abs(t.delta), np.full((28, 28, 1), np.float32(EPS)))  # the whole budget
+        assert 0.2 < (t.delta > 0).mean() < 0.8  # both signs: not a constant shift
+    again = random_sign_triggers((28, 28, 1), EPS, grids=(4, 14), seed=3)
+    assert np.array_equal(again[0].delta, coarse.delta)
+    assert not np.array_equal(random_sign_triggers((28, 28, 1), EPS, grids=(4,), seed=4)[0].delta, coarse.delta)
+    images = smooth_images(6)
+    shared = retention_of_triggers(_Blur(), images, [coarse, fine])
+    for r, t in zip(shared["retention"], (coarse, fine)):  # sharing the clean pass changes nothing
+        assert r == pytest.approx(trigger_retention(_Blur(), images, t)["retention"], abs=1e-12)
+    # a blur keeps a pattern with large sign regions and loses much of one with small regions
+    assert shared["retention"][0] > shared["retention"][1] + 0.1
+    assert retention_of_triggers(_Identity(), images, [coarse])["mean_retention"] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_demo_with_a_missing_ebm_checkpoint_exits_2_naming_it(tmp_path):
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}")

@@ -40,3 +40,46 @@ def trigger_retention(purifier, images_u8: np.ndarray, trigger: Trigger, *, seed
         "clean_change_rms_levels": float(np.sqrt(((clean_out - clean_in) ** 2).mean()) * 255.0),
         "images": int(len(images_u8)),
     }
+
+
+def random_sign_triggers(shape: tuple[int, int, int], epsilon: float, *, grids: tuple[int, ...] = (4, 7, 14),
+                         seed: int = 0) -> list[Trigger]:
+    """Triggers the defender can draw without knowing the attack: the signs of smooth random fields.
+
+    Each field is Gaussian on a `grid x grid` lattice, upsampled bilinearly to the image, and its sign times
+    `epsilon` fills the whole L-inf budget, as optimised triggers tend to. Coarse grids stand for patterns
+    that look like natural variation of the image, fine grids for texture.
+    """
+    import torch
+
+    h, w, c = shape
+    rng = np.random.default_rng(seed)
+    triggers = []
+    for grid in grids:
+        field = torch.from_numpy(rng.standard_normal((1, c, grid, grid)).astype(np.float32))
+        smooth = torch.nn.functional.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+        sign = np.where(smooth[0].permute(1, 2, 0).numpy() >= 0, 1.0, -1.0).astype(np.float32)
+        triggers.append(Trigger(sign * np.float32(epsilon), epsilon, target=-1,
+                                meta={"attack": "random sign pattern", "grid": grid, "seed": seed}))
+    return triggers
+
+
+def retention_of_triggers(purifier, images_u8: np.ndarray, triggers: list[Trigger], *, seed: int = 0) -> dict:
+    """`trigger_retention` for several triggers, sharing the purification of the clean images."""
+    clean_in = images_u8.astype(np.float64) / 255.0
+    clean_out = purifier.purify(images_u8, seed=seed).astype(np.float64) / 255.0
+    retentions = []
+    for trigger in triggers:
+        triggered = trigger.apply(images_u8)
+        applied = triggered.astype(np.float64) / 255.0 - clean_in
+        power = float((applied * applied).sum())
+        if power == 0.0:
+            raise ValueError("a trigger changes none of these images (all of it is clipped away)")
+        survived = purifier.purify(triggered, seed=seed).astype(np.float64) / 255.0 - clean_out
+        retentions.append(float((survived * applied).sum() / power))
+    return {
+        "retention": retentions,
+        "mean_retention": float(np.mean(retentions)),
+        "clean_change_rms_levels": float(np.sqrt(((clean_out - clean_in) ** 2).mean()) * 255.0),
+        "images": int(len(images_u8)),
+    }
