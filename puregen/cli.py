@@ -199,7 +199,7 @@ def _add_train(sub) -> None:
     p.add_argument("--langevin-steps", type=int, help="EBM: Langevin steps per update")
     p.add_argument("--ema-decay", type=float,
                    help="EBM: keep an exponential moving average of the weights (e.g. 0.999) and save it "
-                   "as the run's model (default: the preset's; none for small and paper)")
+                   "as the run's model (default: none)")
     p.add_argument("--epochs", type=int, help="classifier: epochs (default: the preset's)")
     p.add_argument("--precision", choices=("fp32", "bf16"),
                    help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32)")

@@ -8,8 +8,7 @@ sign patterns at the full 16/255 budget (`retention.random_sign_triggers`),
 purified at the published 150 steps on the first test images; lower is
 better, provided the clean images' change stays small. `--with-demo-trigger`
 adds the demo trigger's retention, for the record only. docs/demo.md
-("Weight averaging") used `--pattern-seed 12345 --with-demo-trigger` with
-bf16 networks.
+("Weight averaging") used the defaults with `--with-demo-trigger`.
 """
 
 from __future__ import annotations
