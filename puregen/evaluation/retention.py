@@ -25,21 +25,30 @@ def trigger_retention(purifier, images_u8: np.ndarray, trigger: Trigger, *, seed
 
     `purifier` is anything with `purify(uint8 NHWC, seed=...) -> uint8 NHWC` that keys its noise by row.
     """
-    triggered = trigger.apply(images_u8, amplify)
     clean_in = images_u8.astype(np.float64) / 255.0
+    clean_out = purifier.purify(images_u8, seed=seed).astype(np.float64) / 255.0
+    retention, survived_ratio = _one_trigger(purifier, images_u8, clean_in, clean_out, trigger, seed, amplify)
+    return {
+        "retention": retention,
+        "surviving_norm_ratio": survived_ratio,
+        "clean_change_rms_levels": _rms_levels(clean_out - clean_in),
+        "images": int(len(images_u8)),
+    }
+
+
+def _one_trigger(purifier, images_u8, clean_in, clean_out, trigger, seed, amplify=1.0) -> tuple[float, float]:
+    """(retention, |survived| / |applied|) of one trigger, given the clean images' purified outputs."""
+    triggered = trigger.apply(images_u8, amplify)
     applied = triggered.astype(np.float64) / 255.0 - clean_in
     power = float((applied * applied).sum())
     if power == 0.0:
         raise ValueError("the trigger changes none of these images (all of it is clipped away)")
-    clean_out = purifier.purify(images_u8, seed=seed).astype(np.float64) / 255.0
-    triggered_out = purifier.purify(triggered, seed=seed).astype(np.float64) / 255.0
-    survived = triggered_out - clean_out
-    return {
-        "retention": float((survived * applied).sum() / power),
-        "surviving_norm_ratio": float(np.sqrt((survived * survived).sum() / power)),
-        "clean_change_rms_levels": float(np.sqrt(((clean_out - clean_in) ** 2).mean()) * 255.0),
-        "images": int(len(images_u8)),
-    }
+    survived = purifier.purify(triggered, seed=seed).astype(np.float64) / 255.0 - clean_out
+    return float((survived * applied).sum() / power), float(np.sqrt((survived * survived).sum() / power))
+
+
+def _rms_levels(change: np.ndarray) -> float:
+    return float(np.sqrt((change**2).mean()) * 255.0)
 
 
 def random_sign_triggers(shape: tuple[int, int, int], epsilon: float, *, grids: tuple[int, ...] = (4, 7, 14),
@@ -68,18 +77,10 @@ def retention_of_triggers(purifier, images_u8: np.ndarray, triggers: list[Trigge
     """`trigger_retention` for several triggers, sharing the purification of the clean images."""
     clean_in = images_u8.astype(np.float64) / 255.0
     clean_out = purifier.purify(images_u8, seed=seed).astype(np.float64) / 255.0
-    retentions = []
-    for trigger in triggers:
-        triggered = trigger.apply(images_u8)
-        applied = triggered.astype(np.float64) / 255.0 - clean_in
-        power = float((applied * applied).sum())
-        if power == 0.0:
-            raise ValueError("a trigger changes none of these images (all of it is clipped away)")
-        survived = purifier.purify(triggered, seed=seed).astype(np.float64) / 255.0 - clean_out
-        retentions.append(float((survived * applied).sum() / power))
+    retentions = [_one_trigger(purifier, images_u8, clean_in, clean_out, t, seed)[0] for t in triggers]
     return {
         "retention": retentions,
         "mean_retention": float(np.mean(retentions)),
-        "clean_change_rms_levels": float(np.sqrt(((clean_out - clean_in) ** 2).mean()) * 255.0),
+        "clean_change_rms_levels": _rms_levels(clean_out - clean_in),
         "images": int(len(images_u8)),
     }
