@@ -207,6 +207,9 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep-every", type=int, metavar="N",
+                   help="EBM: also keep the model every N steps in OUTPUT.snapshots/step-N (with --ema-decay, "
+                   "the raw weights too), e.g. to rank them with scripts/rank_ebm_checkpoints.py")
     p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
@@ -249,8 +252,13 @@ def _cmd_train(args) -> int:
 
         recipe, train = ClassifierRecipe.preset(args.preset), train_classifier_run
     recipe = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
+    kept = {}
+    if args.keep_every is not None:
+        if args.kind != "ebm":
+            raise InputError(f"--keep-every does not apply to {args.kind} training")
+        kept["keep_every"] = args.keep_every
     result = train(data, args.output, recipe, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, **kept)
     print(f"trained {args.kind} to step {result['step']}; checkpoint in {result['run_dir']}")
     return EXIT_OK
 

@@ -218,10 +218,15 @@ def test_the_shipped_defaults_load_and_purify_fashion_mnist_shaped_images(tmp_pa
 
 def test_train_ebm_with_a_weight_average_and_its_options(good_npz, tmp_path):
     r = cli("train", "ebm", good_npz, "-o", tmp_path / "ebm", "--preset", "tiny", "--steps", 2, "--batch-size", 4,
-            "--ema-decay", 0.5, "--no-progress", "--threads", 1)
+            "--ema-decay", 0.5, "--keep-every", 1, "--no-progress", "--threads", 1)
     assert r.returncode == 0, r.stderr
+    kept = sorted(p.name for p in (tmp_path / "ebm.snapshots").iterdir())
+    assert kept == ["step-000001", "step-000001-raw", "step-000002", "step-000002-raw"]
     saved = json.loads((tmp_path / "ebm" / "training_state.json").read_text())
     assert saved["step"] == 2 and saved["recipe"]["ema_decay"] == 0.5
     assert load_purifier("ebm", ebm=tmp_path / "ebm", preset="tiny", steps=1)
     r = cli("train", "ddpm", good_npz, "-o", tmp_path / "ddpm", "--preset", "tiny", "--ema-decay", 0.9)
     assert_input_error(r, "--ema-decay", "ddpm")
+    r = cli("train", "ddpm", good_npz, "-o", tmp_path / "ddpm", "--preset", "tiny", "--keep-every", 1)
+    assert_input_error(r, "--keep-every", "ddpm")
+    assert not (tmp_path / "ddpm").exists()

@@ -167,6 +167,24 @@ def test_ebm_weight_average_is_exported_and_resumes_exactly(data, tmp_path):
         train_ebm(data, tmp_path / "bad", dataclasses.replace(recipe, ema_decay=1.0), progress=False)
 
 
+def test_ebm_snapshots_are_kept_beside_the_run_and_load(data, tmp_path):
+    recipe = dataclasses.replace(EBMRecipe.preset("tiny"), steps=6, ema_decay=0.5)
+    train_ebm(data, tmp_path / "run", recipe, progress=False, checkpoint_every=100, max_steps_this_call=3,
+              keep_every=2)
+    train_ebm(data, tmp_path / "run", recipe, progress=False, checkpoint_every=100, resume=True, keep_every=2)
+    kept = tmp_path / "run.snapshots"
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "step-000002", "step-000002-raw", "step-000004", "step-000004-raw", "step-000006", "step-000006-raw"]
+    last, last_raw, run = _weights(kept / "step-000006"), _weights(kept / "step-000006-raw"), _weights(tmp_path / "run")
+    early = _weights(kept / "step-000002")
+    for k in run:
+        assert torch.equal(last[k], run[k]), k  # the last snapshot is the run's (EMA) model
+    assert any(not torch.equal(last[k], last_raw[k]) for k in run)
+    assert any(not torch.equal(last[k], early[k]) for k in run)
+    with pytest.raises(InputError, match="keep-every"):
+        train_ebm(data, tmp_path / "other", recipe, progress=False, keep_every=0)
+
+
 def test_ebm_bank_smaller_than_a_batch_is_refused(data, tmp_path):
     recipe = dataclasses.replace(EBMRecipe.preset("tiny"), bank_size=4, batch_size=8)
     with pytest.raises(InputError, match="bank"):

@@ -32,7 +32,7 @@ from .loop import (
     set_lr,
     stop_step,
 )
-from .state import step_generator
+from .state import step_generator, write_snapshot
 
 
 @dataclass
@@ -110,12 +110,20 @@ def train_ebm(
     checkpoint_every: int = 100,
     progress: bool = True,
     max_steps_this_call: int | None = None,
+    keep_every: int | None = None,
 ) -> dict:
-    """Train (or continue training) an EBM; returns the final info. The run folder is a checkpoint."""
+    """Train (or continue training) an EBM; returns the final info. The run folder is a checkpoint.
+
+    `keep_every` also keeps the model every that many steps in `RUN.snapshots/` (with an EMA, the raw
+    weights too, as `step-N-raw`), so that checkpoints can be compared afterwards: maximum-likelihood
+    training wanders, and the last step need not be the best purifier.
+    """
     run_dir = Path(run_dir)
     check_precision(recipe.precision)
     if recipe.ema_decay is not None and not 0.0 < recipe.ema_decay < 1.0:
         raise InputError(f"the EMA decay must lie in (0, 1), got {recipe.ema_decay}")
+    if keep_every is not None and keep_every < 1:
+        raise InputError(f"the snapshot interval (--keep-every) must be a positive number of steps, got {keep_every}")
     if recipe.bank_size < recipe.batch_size:
         raise InputError(f"the sample bank ({recipe.bank_size}) must hold at least one batch ({recipe.batch_size})")
     if data.images.shape[1] != recipe.in_channels:
@@ -141,6 +149,10 @@ def train_ebm(
             tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         save_run(run_dir, "ebm", recipe.to_dict(), data, history, step=step, model=ebm, optimizer=opt,
                  export_model=ema, extra_tensors=tensors)
+        if keep_every and step % keep_every == 0:
+            write_snapshot(run_dir, step, ema if ema is not None else ebm)
+            if ema is not None:
+                write_snapshot(run_dir, step, ebm, suffix="-raw")
 
     stop = stop_step(start, recipe.steps, max_steps_this_call)
     bar = Progress(recipe.steps, start, "train ebm", recipe.batch_size, progress)
@@ -175,7 +187,7 @@ def train_ebm(
         bar.update(step, energy_gap=running)
         if (step + 1) % 25 == 0:
             history.append({"step": step + 1, "energy_gap": round(running, 8)})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
+        if (step + 1) % checkpoint_every == 0 or step + 1 == stop or (keep_every and (step + 1) % keep_every == 0):
             save(step + 1)
     bar.close()
     return {"step": stop, "history": history, "run_dir": str(run_dir)}

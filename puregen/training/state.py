@@ -84,6 +84,20 @@ def save_training_state(
     return folder
 
 
+def snapshot_folder(run_dir: str | Path) -> Path:
+    """Where `write_snapshot` keeps a run's snapshots: beside the run, which is replaced whole on every save."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + ".snapshots")
+
+
+def write_snapshot(run_dir: str | Path, step: int, model: nn.Module, suffix: str = "") -> Path:
+    """Keep `model` at `step` as a loadable checkpoint (`RUN.snapshots/step-NNNNNN[SUFFIX]`)."""
+    folder = snapshot_folder(run_dir) / f"step-{step:06d}{suffix}"
+    with atomic_directory(folder) as tmp:
+        write_model_files(model, model_type_of(model), tmp)
+    return folder
+
+
 def load_training_state(
     folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict, dict[str, torch.Tensor]]:
