@@ -26,8 +26,9 @@ def trigger_retention(purifier, images_u8: np.ndarray, trigger: Trigger, *, seed
     `purifier` is anything with `purify(uint8 NHWC, seed=...) -> uint8 NHWC` that keys its noise by row.
     """
     clean_in = images_u8.astype(np.float64) / 255.0
+    triggered = _triggered(images_u8, trigger, amplify)  # before purifying: a useless trigger fails fast
     clean_out = purifier.purify(images_u8, seed=seed).astype(np.float64) / 255.0
-    retention, survived_ratio = _one_trigger(purifier, images_u8, clean_in, clean_out, trigger, seed, amplify)
+    retention, survived_ratio = _survival(purifier, triggered, clean_in, clean_out, seed)
     return {
         "retention": retention,
         "surviving_norm_ratio": survived_ratio,
@@ -36,14 +37,21 @@ def trigger_retention(purifier, images_u8: np.ndarray, trigger: Trigger, *, seed
     }
 
 
-def _one_trigger(purifier, images_u8, clean_in, clean_out, trigger, seed, amplify=1.0) -> tuple[float, float]:
-    """(retention, |survived| / |applied|) of one trigger, given the clean images' purified outputs."""
+def _triggered(images_u8: np.ndarray, trigger: Trigger, amplify: float = 1.0) -> np.ndarray:
+    """The images with the trigger added; an error if clipping and rounding leave nothing of it."""
     triggered = trigger.apply(images_u8, amplify)
-    applied = triggered.astype(np.float64) / 255.0 - clean_in
-    power = float((applied * applied).sum())
-    if power == 0.0:
+    if np.array_equal(triggered, images_u8):
         raise ValueError("the trigger changes none of these images (all of it is clipped away)")
+    return triggered
+
+
+def _survival(purifier, triggered, clean_in, clean_out, seed) -> tuple[float, float]:
+    """(retention, |survived| / |applied|) of one trigger, given the clean images' purified outputs.
+
+    `applied` is the trigger as it landed on the images, after clipping and rounding to uint8."""
+    applied = triggered.astype(np.float64) / 255.0 - clean_in
     survived = purifier.purify(triggered, seed=seed).astype(np.float64) / 255.0 - clean_out
+    power = float((applied * applied).sum())
     return float((survived * applied).sum() / power), float(np.sqrt((survived * survived).sum() / power))
 
 
@@ -76,8 +84,9 @@ def random_sign_triggers(shape: tuple[int, int, int], epsilon: float, *, grids: 
 def retention_of_triggers(purifier, images_u8: np.ndarray, triggers: list[Trigger], *, seed: int = 0) -> dict:
     """`trigger_retention` for several triggers, sharing the purification of the clean images."""
     clean_in = images_u8.astype(np.float64) / 255.0
+    triggered = [_triggered(images_u8, t) for t in triggers]
     clean_out = purifier.purify(images_u8, seed=seed).astype(np.float64) / 255.0
-    retentions = [_one_trigger(purifier, images_u8, clean_in, clean_out, t, seed)[0] for t in triggers]
+    retentions = [_survival(purifier, x, clean_in, clean_out, seed)[0] for x in triggered]
     return {
         "retention": retentions,
         "mean_retention": float(np.mean(retentions)),
