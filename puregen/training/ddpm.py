@@ -27,8 +27,10 @@ from .loop import (
     batch_indices,
     check_precision,
     cosine_with_warmup,
+    ema_tensors,
     ema_update,
     open_run,
+    restore_ema,
     save_run,
     set_lr,
     stop_step,
@@ -111,11 +113,11 @@ def train_ddpm(
     start, history, extra = open_run(run_dir, resume=resume, model=unet, optimizer=opt, recipe=recipe.to_dict(),
                                      data=data)
     if start:
-        ema.load_state_dict({k: extra[f"ema.{k}"] for k in ema.state_dict()})
+        restore_ema(ema, extra)
 
     def save(step: int) -> None:
         save_run(run_dir, "ddpm", recipe.to_dict(), data, history, step=step, model=unet, optimizer=opt,
-                 export_model=ema, extra_tensors={f"ema.{k}": v for k, v in ema.state_dict().items()})
+                 export_model=ema, extra_tensors=ema_tensors(ema))
 
     stop = stop_step(start, recipe.steps, max_steps_this_call)
     bar = Progress(recipe.steps, start, "train ddpm", recipe.batch_size, progress)

@@ -26,8 +26,10 @@ from .loop import (
     autocast,
     batch_indices,
     check_precision,
+    ema_tensors,
     ema_update,
     open_run,
+    restore_ema,
     save_run,
     set_lr,
     stop_step,
@@ -141,15 +143,15 @@ def train_ebm(
     if recipe.ema_decay is not None:
         ema = copy.deepcopy(ebm).requires_grad_(False)
         if start:
-            ema.load_state_dict({k: extra[f"ema.{k}"] for k in ema.state_dict()})
+            restore_ema(ema, extra)
 
-    def save(step: int) -> None:
+    def save(step: int, keep: bool) -> None:
         tensors = {"bank": bank}
         if ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+            tensors.update(ema_tensors(ema))
         save_run(run_dir, "ebm", recipe.to_dict(), data, history, step=step, model=ebm, optimizer=opt,
                  export_model=ema, extra_tensors=tensors)
-        if keep_every and step % keep_every == 0:
+        if keep:
             write_snapshot(run_dir, step, ema if ema is not None else ebm)
             if ema is not None:
                 write_snapshot(run_dir, step, ebm, suffix="-raw")
@@ -187,7 +189,8 @@ def train_ebm(
         bar.update(step, energy_gap=running)
         if (step + 1) % 25 == 0:
             history.append({"step": step + 1, "energy_gap": round(running, 8)})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == stop or (keep_every and (step + 1) % keep_every == 0):
-            save(step + 1)
+        keep = bool(keep_every) and (step + 1) % keep_every == 0
+        if keep or (step + 1) % checkpoint_every == 0 or step + 1 == stop:
+            save(step + 1, keep)
     bar.close()
     return {"step": stop, "history": history, "run_dir": str(run_dir)}

@@ -96,6 +96,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
+def ema_tensors(ema: nn.Module) -> dict[str, torch.Tensor]:
+    """The average's weights as extra tensors of a training checkpoint (read back by `restore_ema`)."""
+    return {f"ema.{k}": v for k, v in ema.state_dict().items()}
+
+
+def restore_ema(ema: nn.Module, extra: dict[str, torch.Tensor]) -> None:
+    ema.load_state_dict({k: extra[f"ema.{k}"] for k in ema.state_dict()})
+
+
 class Progress:
     """A tqdm bar over training steps showing the loss and samples/s."""
 
