@@ -36,6 +36,8 @@ def _add_purify(sub) -> None:
     p.add_argument("--ddpm", metavar="CKPT", help="DDPM (UNet) checkpoint folder")
     p.add_argument("--preset", default="paper", choices=PRESETS, help="hyperparameters (paper = published)")
     p.add_argument("--steps", type=int, help="Langevin steps (for reps: per repetition)")
+    p.add_argument("--temp", type=float, help="Langevin temperature (default 1e-4, the published value; lower "
+                   "pulls harder toward the EBM's modes at the same noise)")
     p.add_argument("--t-star", type=int, help="DDPM diffusion depth t* (reps, filt: their DDPM pass)")
     p.add_argument("--reverse-steps", type=int, help="DDPM reverse steps actually run, spread evenly over the t* "
                    "trained timesteps (respacing; default: all t*)")
@@ -72,7 +74,7 @@ def _cmd_purify(args) -> int:
         args.input, args.output, args.method, ebm=args.ebm, ddpm=args.ddpm, preset=args.preset,
         steps=args.steps, t_star=args.t_star, reps=args.reps, filter_frac=args.filter_frac,
         energy_threshold=args.energy_threshold, jpeg_quality=args.jpeg_quality,
-        reverse_steps=args.reverse_steps, seed=args.seed,
+        reverse_steps=args.reverse_steps, temp=args.temp, seed=args.seed,
         batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,
         threads=args.threads, device=args.device, precision=args.precision, backend=args.backend,
         onnx_dir=args.onnx_dir, resume=args.resume, overwrite=args.overwrite, limit=args.limit, input_format=args.input_format,
@@ -281,6 +283,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--trigger", help="a shipped trigger's name or a trigger folder")
     p.add_argument("--amplify", type=float, help="test-time trigger multiplier (default 3, as Narcissus)")
     p.add_argument("--ebm-steps", type=int, help="EBM Langevin steps (default 150, the published value)")
+    p.add_argument("--ebm-temp", type=float, help="EBM Langevin temperature (default 1e-4, the published value)")
     p.add_argument("--t-star", type=int, help="DDPM diffusion depth (default 75, the published value)")
     p.add_argument("--ebm", metavar="CKPT", help="EBM checkpoint folder (default: the shipped EBM)")
     p.add_argument("--ddpm", metavar="CKPT", help="DDPM checkpoint folder (default: the shipped DDPM)")
@@ -308,7 +311,7 @@ def _cmd_demo(args) -> int:
                      threads=args.threads, workers=args.workers, progress=not args.no_progress,
                      precision=args.precision, backend=args.backend)
     changes = {"subset": args.subset, "trigger": args.trigger, "amplify": args.amplify,
-               "ebm_steps": args.ebm_steps, "ddpm_t_star": args.t_star,
+               "ebm_steps": args.ebm_steps, "ebm_temp": args.ebm_temp, "ddpm_t_star": args.t_star,
                "ebm": Path(args.ebm) if args.ebm else None, "ddpm": Path(args.ddpm) if args.ddpm else None}
     if args.seeds is not None:
         if args.seeds < 1:

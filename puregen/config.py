@@ -7,6 +7,7 @@ tests and CPU demos (few steps, small models).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import InputError
@@ -107,12 +108,15 @@ def method_config(
     energy_threshold: float | None = None,
     jpeg_quality: int | None = None,
     reverse_steps: int | None = None,
+    temp: float | None = None,
 ) -> MethodConfig:
     """The preset's configuration of `method`, with the command line's overrides.
 
     `steps` and `t_star` apply to the stage they name in the chosen method:
     for `reps` they set the EBM steps and t* of each repetition, for `filt`
-    the t* of its DDPM pass.
+    the t* of its DDPM pass. `temp` is the Langevin temperature of every EBM
+    stage: below the temperature the EBM was trained at, the chain samples a
+    sharpened model, so its drift pulls harder at the same noise.
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -122,6 +126,10 @@ def method_config(
             raise InputError(f"--steps must be >= 1, got {steps}")
         cfg = dataclasses.replace(cfg, langevin=dataclasses.replace(cfg.langevin, steps=steps))
         cfg = dataclasses.replace(cfg, reps=dataclasses.replace(cfg.reps, ebm_steps=steps))
+    if temp is not None:
+        if not (math.isfinite(temp) and temp > 0):
+            raise InputError(f"--temp must be a positive number, got {temp}")
+        cfg = dataclasses.replace(cfg, langevin=dataclasses.replace(cfg.langevin, temp=float(temp)))
     if t_star is not None:
         if not 1 <= t_star <= cfg.diffusion.num_train_timesteps:
             raise InputError(f"--t-star must be in [1, {cfg.diffusion.num_train_timesteps}], got {t_star}")

@@ -216,6 +216,17 @@ def test_the_shipped_defaults_load_and_purify_fashion_mnist_shaped_images(tmp_pa
     assert set(manifest["config"]["checkpoints"]) == {"ebm", "unet"}
 
 
+def test_purify_with_a_langevin_temperature_and_a_bad_one(good_npz, tmp_path):
+    out = tmp_path / "o.npz"
+    r = cli("purify", good_npz, "-o", out, "--method", "ebm", "--steps", 2, "--temp", "0", "--no-progress")
+    assert_input_error(r, "--temp must be a positive number")
+    assert not out.exists()
+    r = cli("purify", good_npz, "-o", out, "--method", "ebm", "--steps", 2, "--temp", "5e-5", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(out.with_name("o.npz.manifest.json").read_text())
+    assert manifest["config"]["method"]["langevin"]["temp"] == 5e-5
+
+
 def test_train_ebm_with_a_weight_average_and_its_options(good_npz, tmp_path):
     r = cli("train", "ebm", good_npz, "-o", tmp_path / "ebm", "--preset", "tiny", "--steps", 2, "--batch-size", 4,
             "--ema-decay", 0.5, "--keep-every", 1, "--no-progress", "--threads", 1)

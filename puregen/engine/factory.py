@@ -77,7 +77,7 @@ def load_purifier(
     compiled = torch.compile) choose the fast path; `channels_last` defaults
     to on for the compiled backend. `onnxruntime` and `tensorrt` run exported graphs: those in
     `onnx_dir`, else exports made on first use and cached per network (see `puregen.export`).
-    `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality, reverse_steps.
+    `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality, reverse_steps, temp.
     """
     if checkpoint is not None:
         if method not in ("ebm", "ddpm"):

@@ -57,6 +57,7 @@ class DemoConfig:
     amplify: float = 3.0  # test-time multiplier of the trigger (Narcissus uses 3)
     purify_seed: int = 0
     ebm_steps: int = 150  # the published Langevin steps
+    ebm_temp: float = 1e-4  # the published Langevin temperature
     ebm: Path | None = None  # checkpoint folders; None: the shipped default models
     ddpm: Path | None = None
     ddpm_t_star: int = 75  # the published diffusion depth
@@ -177,7 +178,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     sets = {"none": poisoned.images}
     timings = {}
-    overrides = {"ebm": {"steps": cfg.ebm_steps, "checkpoint": cfg.ebm},
+    overrides = {"ebm": {"steps": cfg.ebm_steps, "temp": cfg.ebm_temp, "checkpoint": cfg.ebm},
                  "ddpm": {"t_star": cfg.ddpm_t_star, "checkpoint": cfg.ddpm}}
     for method in DEFENSES:
         t0 = time.perf_counter()
@@ -207,7 +208,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "target": trigger.target, "target_name": FASHION_MNIST_CLASSES[trigger.target],
             "trigger": cfg.trigger, "trigger_linf": trigger.linf, "epsilon": trigger.epsilon,
             "amplify": cfg.amplify, "seeds": list(cfg.seeds), "classifier": cfg.classifier.to_dict(),
-            "ebm_steps": cfg.ebm_steps, "ddpm_t_star": cfg.ddpm_t_star,
+            "ebm_steps": cfg.ebm_steps, "ebm_temp": cfg.ebm_temp, "ddpm_t_star": cfg.ddpm_t_star,
             "ebm": str(cfg.ebm or "shipped default"), "ddpm": str(cfg.ddpm or "shipped default"),
             "micro_batch": cfg.micro_batch, "precision": cfg.precision, "backend": cfg.backend, "threads": threads, "workers": cfg.workers, "puregen": __version__,
             "machine": platform.processor() or platform.machine(),
@@ -226,7 +227,8 @@ def report_markdown(result: dict, rows: list[Summary]) -> str:
     head = (f"Fashion-MNIST, {s['subset']} training images, {s['poisons']} poisoned "
             f"({s['target_name']}, class {s['target']}; trigger L-inf {s['trigger_linf'] * 255:.0f}/255"
             f"{amplified}), "
-            f"{len(s['seeds'])} seeds, small CNN"
+            f"{len(s['seeds'])} seeds, small CNN; EBM {s['ebm_steps']} Langevin steps at temperature "
+            f"{s['ebm_temp']:g}, DDPM t* = {s['ddpm_t_star']}"
             + ("" if (s["precision"], s["backend"]) == ("fp32", "torch")
                else f"; purified with {s['precision']} networks on the {s['backend']} backend")
             + ".\n\n")
