@@ -229,11 +229,12 @@ def test_demo_end_to_end_on_real_data_with_few_steps(tmp_path):
         pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}")
     out = tmp_path / "demo"
     r = cli("demo", "--data", FASHION_MNIST, "-o", out, "--subset", 100, "--seeds", 2, "--epochs", 1,
-            "--ebm-steps", 2, "--t-star", 2, "--no-progress")
+            "--ebm-steps", 2, "--ebm-temp", "5e-5", "--t-star", 2, "--no-progress")
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "results.json").read_text())
     assert [row["defense"] for row in result["table"]] == ["none", "ebm", "ddpm"]
     assert len(result["measurements"]) == 6 and result["setup"]["poisons"] == 1
+    assert result["setup"]["ebm_temp"] == 5e-5 and "2 Langevin steps at temperature 5e-05" in r.stdout
     assert all(0 <= m["natural_accuracy"] <= 1 and 0 <= m["poison_success"] <= 1 for m in result["measurements"])
     assert set(result["checks"]) >= {"no defense: poison success >= 60%", "ebm: poison success <= 10%"}
     assert "| none |" in r.stdout and (out / "results.md").read_text() in r.stdout
@@ -242,7 +243,7 @@ def test_demo_end_to_end_on_real_data_with_few_steps(tmp_path):
     assert [p.name.split("-")[0] for p in cached] == ["ddpm", "ebm"]
     stamps = [p.stat().st_mtime_ns for p in cached]
     again = cli("demo", "--data", FASHION_MNIST, "-o", out, "--subset", 100, "--seeds", 1, "--epochs", 1,
-                "--ebm-steps", 2, "--t-star", 2, "--no-progress")
+                "--ebm-steps", 2, "--ebm-temp", "5e-5", "--t-star", 2, "--no-progress")
     assert again.returncode == 0, again.stderr
     assert [p.stat().st_mtime_ns for p in sorted((out / "purified").iterdir())] == stamps  # reused, not redone
     rerun = json.loads((out / "results.json").read_text())
