@@ -161,6 +161,48 @@ def test_defended_poison_rows_equal_the_defended_base_rows_they_replace(tmp_path
     assert diff.max() <= 1 and (diff > 0).mean() < 0.05, (diff.max(), (diff > 0).mean())
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_naive_starts_from_the_ebm_defenses_states_and_gives_the_same_bytes(tmp_path, tiny_models, precision,
+                                                                           monkeypatch):
+    """naive = EBM then DDPM: after the ebm defense ran, naive runs only its DDPM stage, with the same result."""
+    import torch
+
+    import puregen.engine.purifiers as purifiers
+    from puregen.evaluation.defending import Checkpoints, DefenseContext, PreparedDefense, defense_spec
+    from puregen.evaluation.scales import ScaleData, smoke_settings, small_settings
+    from puregen.models.checkpoints import save_model
+
+    ebm, unet = tiny_models
+    ckpt = Checkpoints(save_model(ebm, tmp_path / "ebm"), save_model(unet, tmp_path / "ddpm"))
+    images = smooth_images(12, seed=8)
+    labels = np.arange(12) % 10
+    data = ScaleData("small", images, labels, images[:4], labels[:4], images, labels, images, labels,
+                     tuple("abcdefghij"), "test data")
+    rows = np.array([7, 3, 10])
+    settings = dataclasses.replace(smoke_settings(small_settings()), precision=precision)
+    alone = DefenseContext(data, settings, tmp_path / "alone", ckpt, progress=False)
+    naive_alone = PreparedDefense(defense_spec("naive"), alone)
+    expected_base, expected_rows = naive_alone.base(), naive_alone.rows(images[rows], rows, "poisons")
+
+    after = DefenseContext(data, settings, tmp_path / "after-ebm", ckpt, progress=False)
+    ebm_defense = PreparedDefense(defense_spec("ebm"), after)
+    ebm_defense.base(), ebm_defense.rows(images[rows], rows, "poisons")
+    assert len(list(ebm_defense.folder.glob("*-ebm-state.npz"))) == 2
+    naive = PreparedDefense(defense_spec("naive"), after)
+    assert naive.ebm_stage_folder == ebm_defense.folder
+
+    def no_langevin(*args, **kwargs):
+        raise AssertionError("naive ran its Langevin stage although the ebm defense's states were there")
+
+    monkeypatch.setattr(purifiers, "langevin", no_langevin)
+    # The same rows in the same batches and micro-batches as the ebm pass: equal bytes, bf16 included.
+    assert np.array_equal(naive.base(), expected_base)
+    assert np.array_equal(naive.rows(images[rows], rows, "poisons"), expected_rows)
+    with pytest.raises(ValueError, match="naive"):
+        ebm_defense.purifier.purify_batch(torch.from_numpy(images[:2]), torch.arange(2), 0,
+                                          ebm_stage_output=torch.zeros(2, 1, 28, 28))
+
+
 def test_unknown_names_are_rejected():
     from puregen.evaluation.defending import defense_spec
 

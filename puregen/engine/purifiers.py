@@ -27,6 +27,7 @@ ProgressFn = Callable[[float], None]
 class PurifyResult:
     images: torch.Tensor  # uint8 NHWC
     audit: dict[str, np.ndarray]  # per-sample columns
+    state: torch.Tensor | None = None  # the fp32 model-space result before rounding, when asked for
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,17 @@ class FiltSelection:
         order = np.lexsort((indices, energies))
         boundary = order[n_keep - 1]
         return cls(float(energies[boundary]), float(indices[boundary]))
+
+
+def _checked_stage_output(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An earlier stage's fp32 result for the batch `x`, laid out as `x`; an error if it cannot be.
+
+    The layout matters: bf16 convolutions take another path for other strides (measured: a 1-channel
+    batch's UNet output moved by 1e-3), and the stage's own output has x's strides."""
+    if state.dtype != torch.float32 or tuple(state.shape) != tuple(x.shape):
+        raise ValueError(f"the EBM stage's output must be float32 of shape {tuple(x.shape)}, "
+                         f"got {state.dtype} {tuple(state.shape)}")
+    return torch.empty_like(x).copy_(state)
 
 
 def _change_audit(before: torch.Tensor, after: torch.Tensor) -> dict[str, np.ndarray]:
@@ -150,8 +162,19 @@ class Purifier:
         indices: torch.Tensor,
         seed: int,
         progress: ProgressFn | None = None,
+        *,
+        keep_state: bool = False,
+        ebm_stage_output: torch.Tensor | None = None,
     ) -> PurifyResult:
-        """Purify uint8 NHWC `images_u8` whose global row indices are `indices`."""
+        """Purify uint8 NHWC `images_u8` whose global row indices are `indices`.
+
+        `keep_state` also returns the fp32 result before rounding (`PurifyResult.state`). For `naive`,
+        `ebm_stage_output` is that state from an `ebm` purifier with the same EBM, Langevin settings,
+        precision and micro-batch on the same rows and seed: the DDPM stage starts from it, which gives
+        the bytes of running both stages without the Langevin steps' cost.
+        """
+        if ebm_stage_output is not None and self.method != "naive":
+            raise ValueError(f"ebm_stage_output is for the naive method, not {self.method!r}")
         if self.method == "jpeg":
             out = _jpeg(images_u8.cpu(), self.config.jpeg.quality)
             if progress:
@@ -172,7 +195,12 @@ class Purifier:
         elif self.method == "ddpm":
             x = diffuse_denoise(x, self.evaluator, c.diffusion, indices=indices, seed=seed, on_step=per_step)
         elif self.method == "naive":
-            x = langevin(x, self.evaluator, c.langevin, indices=indices, seed=seed, on_step=per_step)
+            if ebm_stage_output is None:
+                x = langevin(x, self.evaluator, c.langevin, indices=indices, seed=seed, on_step=per_step)
+            else:
+                x = _checked_stage_output(ebm_stage_output, x)
+                if per_step is not None:
+                    per_step(c.langevin.steps)
             x = diffuse_denoise(x, self.evaluator, c.diffusion, indices=indices, seed=seed, on_step=per_step)
         elif self.method == "reps":
             for r in range(c.reps.reps):
@@ -210,7 +238,7 @@ class Purifier:
             audit["energy_before"] = energy_before.astype(np.float32)
             audit["energy_after"] = self.energies(out)
         audit.update(_change_audit(images_u8, out))
-        return PurifyResult(out, audit)
+        return PurifyResult(out, audit, x if keep_state else None)
 
     # -- Python API ----------------------------------------------------------------------------
 

@@ -6,6 +6,10 @@ set is the defended base set with the defended poison rows put in place:
 the 10,000 base images are purified once per defense, and each attack adds
 only its poisons. Both are cached under `OUT/defended/`.
 
+`naive` starts from the fp32 states that the `ebm` defense keeps beside its
+cache (`*-ebm-state.npz`), when that defense ran first with the same EBM and
+settings: its first stage is exactly that pass, so only the DDPM stage runs.
+
 `filt` is the one exception to "on its own": its energy threshold is the
 quantile over the whole set; it is taken from the clean base set and then
 applied unchanged to the poisons (a few poisons barely move a quantile).
@@ -111,6 +115,9 @@ class PreparedDefense:
             config["classifier"] = ctx.settings.classifier.to_dict()
         self.key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.folder = ctx.out / "defended" / f"{spec.name}-{self.key}"
+        # naive's first stage is the ebm defense's whole pass (same EBM, settings and seed, hence the same
+        # folder key): where that defense ran first, naive starts from the fp32 states it kept.
+        self.ebm_stage_folder = PreparedDefense(defense_spec("ebm"), ctx).folder if spec.method == "naive" else None
 
     def _load_purifier(self):
         s, c = self.ctx.settings, self.ctx
@@ -131,14 +138,24 @@ class PreparedDefense:
 
     # -- the transforms --------------------------------------------------------------------------
 
-    def _transform(self, images: np.ndarray, indices: np.ndarray, desc: str) -> np.ndarray:
+    def _transform(self, images: np.ndarray, indices: np.ndarray, desc: str, cache: Path) -> np.ndarray:
         if self.spec.kind == "none":
             return images.copy()
         if self.spec.kind == "friends":
             from .defenses.friendly_noise import friendly_noise
 
             return friendly_noise(self._friends_model(), images, self.friends, progress=self.ctx.progress)
-        return purify_rows(self.purifier, images, indices, seed=self.ctx.seed, desc=desc, progress=self.ctx.progress)
+        run = dict(seed=self.ctx.seed, desc=desc, progress=self.ctx.progress)
+        if self.spec.method == "ebm":
+            out, states = purify_rows(self.purifier, images, indices, keep_state=True, **run)
+            write_npz_atomic(ebm_state_path(cache), x=states)
+            return out
+        if self.ebm_stage_folder is not None:
+            states = _read_ebm_states(self.ebm_stage_folder / ebm_state_path(cache).name, len(images))
+            if states is not None:
+                return purify_rows(self.purifier, images, indices, ebm_stage_output=states,
+                                   **{**run, "desc": desc + " from the EBM's states"})
+        return purify_rows(self.purifier, images, indices, **run)
 
     def _friends_model(self):
         if self._model is None:
@@ -155,7 +172,7 @@ class PreparedDefense:
             cached = read_dataset(path).images
             if cached.shape == images.shape:
                 return cached
-        out = self._transform(images, indices, desc)
+        out = self._transform(images, indices, desc, path)
         if self.spec.kind != "none":
             write_npz_atomic(path, x=out)
         return out
@@ -184,17 +201,44 @@ class PreparedDefense:
 
 
 def purify_rows(purifier, images: np.ndarray, indices: np.ndarray, *, seed: int, desc: str, progress: bool,
-                batch_size: int = 64) -> np.ndarray:
-    """Purify uint8 NHWC rows whose base-set row numbers are `indices`, with a progress bar."""
+                batch_size: int = 64, keep_state: bool = False, ebm_stage_output: np.ndarray | None = None):
+    """Purify uint8 NHWC rows whose base-set row numbers are `indices`, with a progress bar.
+
+    Returns the purified rows; with `keep_state`, also their fp32 states before rounding (N, C, H, W).
+    `ebm_stage_output`: such states of an `ebm` pass over the same rows, for `naive` to start from.
+    """
     bar = image_progress_bar(len(images), desc, progress)
-    parts = []
+    parts, states = [], []
     for s in range(0, len(images), batch_size):
         # purify_batch, not purify: `filt` must keep the selection set from the base set, not re-rank each call.
         batch = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size]))
         rows = torch.as_tensor(np.asarray(indices[s : s + batch_size], dtype=np.int64))
-        parts.append(purifier.purify_batch(batch, rows, seed).images.cpu().numpy())
+        stage = None if ebm_stage_output is None else torch.from_numpy(ebm_stage_output[s : s + batch_size])
+        res = purifier.purify_batch(batch, rows, seed, keep_state=keep_state, ebm_stage_output=stage)
+        parts.append(res.images.cpu().numpy())
+        if keep_state:
+            states.append(res.state.cpu().numpy())
         if bar is not None:
             bar.update(len(parts[-1]))
     if bar is not None:
         bar.close()
-    return np.concatenate(parts) if parts else images.copy()
+    out = np.concatenate(parts) if parts else images.copy()
+    if not keep_state:
+        return out
+    return out, (np.concatenate(states) if states else np.zeros((0,), np.float32))
+
+
+def ebm_state_path(cache: Path) -> Path:
+    """Where the ebm defense keeps the fp32 states behind the cached rows `cache` (for naive to reuse)."""
+    return cache.with_name(cache.stem + "-ebm-state.npz")
+
+
+def _read_ebm_states(path: Path, rows: int) -> np.ndarray | None:
+    """The ebm defense's fp32 states for `rows` images, or None where there are none to reuse."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        states = f["x"] if "x" in f.files else None
+    if states is None or states.dtype != np.float32 or len(states) != rows:
+        return None
+    return states
