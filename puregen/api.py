@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 from .engine.factory import load_purifier
-from .engine.pipeline import run_job
+from .data.output_target import output_format
+from .engine.pipeline import check_seed, run_job
 from .engine.purifiers import Purifier
 
 __all__ = ["load_purifier", "purify", "purify_dataset"]
 
 # Options of the job itself; every other keyword goes to `load_purifier`.
-JOB_OPTIONS = ("batch_size", "chunk_size", "resume", "overwrite", "limit", "input_format", "progress")
+JOB_OPTIONS = ("batch_size", "chunk_size", "resume", "overwrite", "limit", "input_format", "split", "progress", "log")
 
 
 def purify(images, method: str = "ebm", *, seed: int = 0, indices=None, offset: int = 0, **load_options):
@@ -31,10 +32,12 @@ def purify_dataset(
     """Purify a dataset file or folder into `output_path`; returns the final manifest.
 
     Job options (see `run_job`): batch_size, chunk_size, resume, overwrite,
-    limit, input_format, progress. The rest load the purifier (see
-    `load_purifier`) unless a ready `purifier` is given.
+    limit, input_format, split, progress, log. The rest load the purifier
+    (see `load_purifier`) unless a ready `purifier` is given.
     """
     job = {key: options.pop(key) for key in JOB_OPTIONS if key in options}
+    check_seed(seed)  # cheap checks before the checkpoints load
+    output_format(output_path)
     if purifier is None:
         purifier = load_purifier(method, **options)
     elif options:

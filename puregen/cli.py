@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import METHODS, PRESETS
+from .config import METHODS, PRESETS, check_options_apply
 from .engine.evaluator import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
 from .engine.pipeline import DEFAULT_CHUNK_SIZE
 from .errors import InputError
@@ -58,6 +58,8 @@ def _add_purify(sub) -> None:
                    "(default: exported on first use into ~/.cache/puregen, or $PUREGEN_CACHE_DIR)")
     p.add_argument("--engine", default="local", choices=("local", "ray"))
     p.add_argument("--format", dest="input_format", help="input format if not detected (npz, npy, idx, cifar, folder)")
+    p.add_argument("--split", choices=("train", "test"), help="the part of a CIFAR-10 or IDX folder to read "
+                   "(default: train where present; the files read are logged)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output or unfinished job")
     p.add_argument("--limit", type=int, help="purify the first N images only")
@@ -70,6 +72,10 @@ def _cmd_purify(args) -> int:
 
     if args.engine != "local":
         raise InputError("--engine ray is not available in this version; use --engine local")
+    check_options_apply(args.method, {
+        "steps": args.steps, "temp": args.temp, "t_star": args.t_star, "reverse_steps": args.reverse_steps,
+        "reps": args.reps, "filter_frac": args.filter_frac, "energy_threshold": args.energy_threshold,
+        "jpeg_quality": args.jpeg_quality})
     manifest = purify_dataset(
         args.input, args.output, args.method, ebm=args.ebm, ddpm=args.ddpm, preset=args.preset,
         steps=args.steps, t_star=args.t_star, reps=args.reps, filter_frac=args.filter_frac,
@@ -78,7 +84,7 @@ def _cmd_purify(args) -> int:
         batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,
         threads=args.threads, device=args.device, precision=args.precision, backend=args.backend,
         onnx_dir=args.onnx_dir, resume=args.resume, overwrite=args.overwrite, limit=args.limit, input_format=args.input_format,
-        progress=not args.no_progress,
+        split=args.split, progress=not args.no_progress,
     )
     timing = manifest.get("timing", {})
     rate = timing.get("images_per_second_this_run")
@@ -203,8 +209,10 @@ def _add_train(sub) -> None:
                    help="EBM: keep an exponential moving average of the weights (e.g. 0.999) and save it "
                    "as the run's model (default: none)")
     p.add_argument("--epochs", type=int, help="classifier: epochs (default: the preset's)")
-    p.add_argument("--precision", choices=("fp32", "bf16"),
-                   help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32); "
+                   "auto: bf16 where the CPU computes it natively, else fp32. Fixed when the run starts and kept "
+                   "on --resume (default: the preset's; auto for the small EBM, else fp32)")
     p.add_argument("--limit", type=int, help="use the first N training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
@@ -259,9 +267,15 @@ def _cmd_train(args) -> int:
         if args.kind != "ebm":
             raise InputError(f"--keep-every does not apply to {args.kind} training")
         kept["keep_every"] = args.keep_every
-    result = train(data, args.output, recipe, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                   progress=not args.no_progress, **kept)
-    print(f"trained {args.kind} to step {result['step']}; checkpoint in {result['run_dir']}")
+    from .training.loop import TrainingInterrupted
+
+    try:
+        result = train(data, args.output, recipe, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                       progress=not args.no_progress, **kept)
+    except TrainingInterrupted as e:  # the checkpoint is written: say where, exit 130 (SIGINT) or 143 (SIGTERM)
+        print(f"puregen: {e}; rerun with --resume to continue", file=sys.stderr)
+        return e.exit_code
+    print(f"trained {args.kind} to step {result['step']} in {result['precision']}; checkpoint in {result['run_dir']}")
     return EXIT_OK
 
 
@@ -458,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InputError as e:
         print(f"puregen: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:
+        # The file system refused (disk full, permission, a path that cannot exist): the user's to fix.
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"puregen: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("puregen: interrupted; rerun with --resume to continue", file=sys.stderr)

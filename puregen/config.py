@@ -15,6 +15,28 @@ from .errors import InputError
 METHODS = ("ebm", "ddpm", "naive", "reps", "filt", "jpeg")
 PRESETS = ("paper", "tiny")
 
+# Which methods read each override of `method_config` (the CLI refuses an option its method ignores).
+OPTION_METHODS = {
+    "steps": ("ebm", "naive", "reps"),
+    "temp": ("ebm", "naive", "reps"),
+    "t_star": ("ddpm", "naive", "reps", "filt"),
+    "reverse_steps": ("ddpm", "naive", "reps", "filt"),
+    "reps": ("reps",),
+    "filter_frac": ("filt",),
+    "energy_threshold": ("filt",),
+    "jpeg_quality": ("jpeg",),
+}
+
+
+def check_options_apply(method: str, options: dict) -> None:
+    """Refuse options (name -> value, None = not given) that `method` does not read."""
+    for name, value in options.items():
+        if value is not None and method not in OPTION_METHODS[name]:
+            flag = "--" + name.replace("_", "-")
+            reads = sorted("--" + o.replace("_", "-") for o, ms in OPTION_METHODS.items() if method in ms)
+            raise InputError(f"{flag} does not apply to --method {method} "
+                             f"(it reads {', '.join(reads) if reads else 'no such option'})")
+
 
 @dataclass(frozen=True)
 class LangevinConfig:
@@ -157,4 +179,10 @@ def method_config(
         if not 1 <= jpeg_quality <= 100:
             raise InputError(f"JPEG quality must be in [1, 100], got {jpeg_quality}")
         cfg = dataclasses.replace(cfg, jpeg=JPEGConfig(quality=jpeg_quality))
+    reverse = cfg.diffusion.reverse_steps
+    if reverse is not None and cfg.needs_ddpm:
+        stage_t_star = {"reps": cfg.reps.t_star, "filt": cfg.filt.t_star}.get(method, cfg.diffusion.t_star)
+        if reverse > stage_t_star:
+            raise InputError(f"--reverse-steps {reverse} is more than the {stage_t_star} timesteps of t*; "
+                             f"it can run at most t* steps")
     return cfg

@@ -27,6 +27,14 @@ class ImageDataset:
         class_names: optional class names, index ``k`` naming label ``k``
             (set by the image-folder reader).  When given, ``num_classes``
             defaults to ``len(class_names)`` and must equal it.
+        names: optional per-image names, ``/``-separated paths relative to an
+            image folder's root (``bag/img_0018.png``), set by the image-folder
+            reader so that a writer can keep them.
+        label_dtype: the integer dtype the labels had on disk (``uint8`` for
+            an ``.npz`` saved that way), so that writing back can keep it;
+            ``labels`` itself is always ``int64``.
+        files: the files the data was read from, in reading order (set by
+            readers of formats split over several files).
 
     Everything is validated in ``__post_init__``; bad input raises
     :class:`~puregen.errors.InputError` naming ``source``.
@@ -37,10 +45,17 @@ class ImageDataset:
     source: str = "<memory>"
     num_classes: int | None = None
     class_names: tuple[str, ...] | None = None
+    names: tuple[str, ...] | None = None
+    label_dtype: str | None = None
+    files: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self.source = str(self.source)
         self.images = validate_images_uint8(self.images, self.source)
+        if self.names is not None:
+            self.names = tuple(str(n) for n in self.names)
+            if len(self.names) != self.images.shape[0]:
+                raise InputError(f"{self.source}: {len(self.names)} names for {self.images.shape[0]} images")
         self.num_classes = validate_num_classes(self.num_classes, self.source)
         if self.class_names is not None:
             names = tuple(str(c) for c in self.class_names)

@@ -11,7 +11,8 @@ Reading:
   (labels ``None``).  Images beside class folders is an error.
 * names starting with ``.`` are ignored (hidden files, temporaries); any
   other file that is not ``.png``/``.jpg``/``.jpeg`` (any case) is an error,
-  as is a folder nested inside a class folder.
+  as is a folder nested inside a class folder, and an image name that is
+  not a regular file (a FIFO, socket, device or broken link: never opened).
 * modes: ``L`` -> C=1, ``RGB`` -> C=3; ``1`` (bilevel) is read as ``L`` and
   ``P`` (palette, no transparency) as ``RGB``.  Images with an alpha channel
   (``RGBA``, ``LA``, ``PA``, ``P`` with transparency) and other modes
@@ -19,10 +20,17 @@ Reading:
   pixels.  All images must have the same size and (normalised) mode.
 * an unreadable or corrupt image raises ``InputError`` naming that file.
 
-Writing (:func:`write_image_folder`) stores lossless PNGs named by their
-global index (``000000.png``, ...) in class folders, so writing then reading
-returns the images in class-major order (stable within a class: i.e.
-``images[np.argsort(labels, kind="stable")]``).
+The reader records each image's path relative to the root
+(``ImageDataset.names``, e.g. ``bag/img_0018.png``).
+
+Writing (:func:`write_image_folder`) stores lossless PNGs in class folders.
+Given ``names`` (a folder reader's), each image keeps its file name: a PNG
+stays ``img_0018.png``; a JPEG ``img_0018.jpg`` is written as the PNG
+``img_0018.png``, because encoding the purified pixels as JPEG again would
+change them (``img_0018.jpg.png`` where a PNG of that stem is already there).
+Without names, images are named by their global index (``000000.png``, ...),
+so writing then reading returns them in class-major order (stable within a
+class: i.e. ``images[np.argsort(labels, kind="stable")]``).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from PIL import Image
 
 from puregen.data.atomic import atomic_directory
 from puregen.data.dataset import ImageDataset
-from puregen.data.validation import validate_images_uint8, validate_labels, validate_num_classes
+from puregen.data.validation import check_regular_file, validate_images_uint8, validate_labels, validate_num_classes
 from puregen.errors import InputError
 
 __all__ = [
@@ -111,11 +119,13 @@ def _scan(root: Path) -> tuple[list[str] | None, list[tuple[Path, int]]]:
                     raise InputError(f"{f}: nested folder inside class folder {d.name!r}; expected image files only")
                 if not _is_image_name(f.name):
                     raise InputError(f"{f}: not a .png/.jpg/.jpeg file (image folders hold only images)")
+                check_regular_file(f, "an image file")  # a FIFO would block the decoder
                 items.append((f, label))
         return class_names, items
     for f in files:
         if not _is_image_name(f.name):
             raise InputError(f"{f}: not a .png/.jpg/.jpeg file (image folders hold only images)")
+        check_regular_file(f, "an image file")  # a FIFO would block the decoder
     return None, [(f, -1) for f in files]
 
 
@@ -146,13 +156,14 @@ def read_image_folder(root: str | os.PathLike, *, num_classes: int | None = None
                 f"{first.shape[1]}x{first.shape[0]} {mode_of[first.ndim]}; all images must have the same size and mode"
             )
         images[i] = arr.reshape(images.shape[1:])
+    names = tuple(path.relative_to(root).as_posix() for path, _ in items)
     if class_names is None:
-        return ImageDataset(images, None, src, num_classes)
+        return ImageDataset(images, None, src, num_classes, names=names)
     labels = np.fromiter((lab for _, lab in items), dtype=np.int64, count=len(items))
     if num_classes is not None and num_classes > len(class_names):
         # keep the given count; names exist only for the folders present
-        return ImageDataset(images, labels, src, num_classes)
-    return ImageDataset(images, labels, src, len(class_names), tuple(class_names))
+        return ImageDataset(images, labels, src, num_classes, names=names)
+    return ImageDataset(images, labels, src, len(class_names), tuple(class_names), names=names)
 
 
 def default_class_names(num_classes: int) -> list[str]:
@@ -201,6 +212,7 @@ def write_image_folder(
     *,
     num_classes: int | None = None,
     overwrite: bool = True,
+    names: Sequence[str] | None = None,
 ) -> Path:
     """Write images as PNGs under ``root`` (atomically: built in a temp folder, then renamed).
 
@@ -208,7 +220,8 @@ def write_image_folder(
     (``num_classes`` folders, default ``len(class_names)`` or
     ``max(label) + 1``), empty ones included.  ``class_names`` default to
     zero-padded indices and must be sorted.  Without labels:
-    ``root/<index>.png``.
+    ``root/<index>.png``.  ``names`` keep the images' own file names (see
+    the module docs); their folder part is replaced by the label's class.
 
     An existing ``root`` is replaced only when ``overwrite`` is true and it
     looks like an image folder (nothing but images and folders of images);
@@ -228,24 +241,24 @@ def write_image_folder(
                 raise InputError(
                     f"{src}: already exists and holds files other than images; refusing to replace it"
                 )
-    names: list[str] | None = None
+    class_dirs: list[str] | None = None
     if labels is not None:
         num_classes = validate_num_classes(num_classes, src)
         if class_names is not None:
-            names = _check_class_names(class_names, src)
-            if num_classes is not None and num_classes != len(names):
-                raise InputError(f"{src}: {len(names)} class names but num_classes={num_classes}")
-            num_classes = len(names)
+            class_dirs = _check_class_names(class_names, src)
+            if num_classes is not None and num_classes != len(class_dirs):
+                raise InputError(f"{src}: {len(class_dirs)} class names but num_classes={num_classes}")
+            num_classes = len(class_dirs)
         labels = validate_labels(labels, n, src, num_classes)
         if num_classes is None:
             num_classes = int(labels.max()) + 1
-        if names is None:
-            names = default_class_names(num_classes)
+        if class_dirs is None:
+            class_dirs = default_class_names(num_classes)
     elif class_names is not None:
         raise InputError(f"{src}: class_names given without labels")
-    width = max(6, len(str(n - 1)))
+    files = _output_file_names(names, labels, n, src)
     with atomic_directory(root) as tmp:
-        dirs = [] if names is None else [tmp / name for name in names]
+        dirs = [] if class_dirs is None else [tmp / name for name in class_dirs]
         for d in dirs:
             d.mkdir()
         for i in range(n):
@@ -253,5 +266,32 @@ def write_image_folder(
             img = images[i]
             # 2-D uint8 -> mode L, (H, W, 3) uint8 -> mode RGB
             pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
-            pil.save(d / f"{i:0{width}d}.png", format="PNG", compress_level=1)
+            pil.save(d / files[i], format="PNG", compress_level=1)
     return root
+
+
+def _output_file_names(names: Sequence[str] | None, labels, n: int, src: str) -> list[str]:
+    """Each image's PNG file name inside its class folder (see the module docs)."""
+    if names is None:
+        width = max(6, len(str(n - 1)))
+        return [f"{i:0{width}d}.png" for i in range(n)]
+    if len(names) != n:
+        raise InputError(f"{src}: {len(names)} names for {n} images")
+    base = [str(name).replace(os.sep, "/").rsplit("/", 1)[-1] for name in names]
+    for b in base:
+        if not b or b.startswith(".") or "\0" in b:
+            raise InputError(f"{src}: invalid image file name {b!r}")
+    group = [0] * n if labels is None else [int(k) for k in labels]
+    taken = {(g, b) for g, b in zip(group, base) if b.lower().endswith(".png")}
+    out = []
+    for g, b in zip(group, base):
+        stem, dot, ext = b.rpartition(".")
+        if ext.lower() == "png":
+            out.append(b)
+            continue
+        png = f"{stem}.png" if dot and (g, f"{stem}.png") not in taken else f"{b}.png"
+        taken.add((g, png))
+        out.append(png)
+    if len(set(zip(group, out))) != n:
+        raise InputError(f"{src}: two images would be written to the same file name")
+    return out

@@ -115,13 +115,21 @@ def read_dataset(
     if format in ("npz", "npy") and is_dir:
         raise InputError(f"{p}: is a directory, expected a .{format} file")
     if format == "npz":
-        return npz_io.read_npz(p, num_classes=num_classes)
-    if format == "npy":
-        return npz_io.read_npy(p, num_classes=num_classes)
-    if format == "idx":
+        ds = npz_io.read_npz(p, num_classes=num_classes)
+    elif format == "npy":
+        ds = npz_io.read_npy(p, num_classes=num_classes)
+    elif format == "idx":
         if is_dir:
-            return idx.read_idx_directory(p, split=split, num_classes=num_classes)
-        return idx.read_idx_dataset(p, num_classes=num_classes)
-    if format == "cifar":
-        return cifar.read_cifar(p, split=split, num_classes=num_classes)
-    return folder.read_image_folder(p, num_classes=num_classes)
+            ds = idx.read_idx_directory(p, split=split, num_classes=num_classes)
+        else:
+            ds = idx.read_idx_dataset(p, num_classes=num_classes)
+        labels_file = idx.find_idx_labels(ds.source) if ds.labels is not None else None
+        ds.files = (ds.source,) + ((str(labels_file),) if labels_file is not None else ())
+    elif format == "cifar":
+        ds = cifar.read_cifar(p, split=split, num_classes=num_classes)
+        ds.files = tuple(str(f) for f in cifar.find_cifar_batches(p, split)) if is_dir else (str(p),)
+    else:
+        ds = folder.read_image_folder(p, num_classes=num_classes)
+    if ds.files is None and not is_dir:
+        ds.files = (str(p),)
+    return ds

@@ -27,6 +27,7 @@ import torch
 from puregen.data import folder, idx, npz_io
 from puregen.data.atomic import write_npz_atomic
 from puregen.data.dataset import ImageDataset
+from puregen.data.output_target import output_format
 from puregen.errors import InputError
 
 __all__ = ["write_dataset", "write_npz_atomic"]
@@ -38,6 +39,8 @@ def write_dataset(
     labels: Any = None,
     *,
     class_names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    label_dtype: Any = None,
     overwrite: bool = True,
 ) -> Path:
     """Write uint8 NHWC images (and optional labels) to ``path``; return the path written.
@@ -45,9 +48,11 @@ def write_dataset(
     ``images`` may be a numpy uint8 array, a torch uint8 tensor (copied to
     the CPU) or an :class:`ImageDataset` (its labels / class names are used
     unless given).  Float images are refused: quantize them first.  With
-    ``overwrite=False`` an existing target is an error.
+    ``overwrite=False`` an existing target is an error.  ``names`` (an image
+    folder's per-image relative paths, as its reader gives them) keep the
+    sources' class folders and file names; ``label_dtype`` is the integer
+    dtype the labels of a ``.npz`` are stored as (default int64).
     """
-    trailing_sep = str(path).endswith(("/", os.sep))
     p = Path(path)
     src = str(p)
     num_classes = None
@@ -59,31 +64,28 @@ def write_dataset(
             num_classes = ds.num_classes
             if class_names is None and ds.class_names is not None and labels is not None:
                 class_names = list(ds.class_names)
+            if label_dtype is None:
+                label_dtype = ds.label_dtype
+        if names is None:
+            names = ds.names
     if isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8:
             raise InputError(f"{src}: images tensor has dtype {images.dtype}; images on disk must be uint8 NHWC")
         images = images.detach().cpu().numpy()
     if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
         raise InputError(f"{src}: already exists (overwrite=False)")
-    suffix = p.suffix.lower()
-    if not trailing_sep and not p.is_dir() and idx.is_idx_images_name(p.name):
-        if class_names is not None:
-            raise InputError(f"{src}: class_names can only be stored in an image folder")
-        return idx.write_idx_dataset(p, images, labels)[0]
-    if trailing_sep or suffix == "" or p.is_dir():
-        return folder.write_image_folder(
-            p, images, labels, class_names, num_classes=num_classes, overwrite=overwrite
-        )
-    if class_names is not None:
+    fmt = output_format(path)
+    if fmt != "folder" and class_names is not None:
         raise InputError(f"{src}: class_names can only be stored in an image folder")
-    if suffix == ".npz":
-        return npz_io.write_npz(p, images, labels)
-    if suffix == ".npy":
-        if labels is not None:
-            raise InputError(f"{src}: a .npy file cannot hold labels; write a .npz to keep them")
-        return npz_io.write_npy(p, images)
-    raise InputError(
-        f"{src}: cannot tell the output format from the name; use .npz, .npy, an IDX images name "
-        f"(*-images-idx3-ubyte[.gz]) or a directory path ending in '/'"
-    )
+    if fmt == "idx":
+        return idx.write_idx_dataset(p, images, labels)[0]
+    if fmt == "folder":
+        return folder.write_image_folder(
+            p, images, labels, class_names, num_classes=num_classes, overwrite=overwrite, names=names
+        )
+    if fmt == "npz":
+        return npz_io.write_npz(p, images, labels, label_dtype=label_dtype)
+    if labels is not None:
+        raise InputError(f"{src}: a .npy file cannot hold labels; write a .npz to keep them")
+    return npz_io.write_npy(p, images)
 

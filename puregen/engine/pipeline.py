@@ -12,61 +12,33 @@ The pipeline knows nothing of models: it drives a `Purifier`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import queue
-import shutil
+import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..data import read_dataset, write_dataset
+from ..data import ImageDataset, read_dataset, write_dataset
+from ..data.output_target import OutputTarget, output_digest, output_format, overlaps, plan_output, resolved
 from ..data.writers import write_npz_atomic
 from ..errors import InputError
+from .job_folder import (
+    MANIFEST_VERSION, JobPaths, clear_for_new_job, create_parts, decide, file_sha256, job_key, key_array,
+    load_chunk, locked, read_manifest, remove_orphans, write_json_atomic,
+)
 from .provenance import run_provenance
 from .purifiers import FiltSelection, Purifier
 
-MANIFEST_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1024
-
-
-@dataclass
-class JobPaths:
-    output: Path
-
-    @property
-    def parts(self) -> Path:
-        return self.output.parent / (self.output.name + ".parts")
-
-    @property
-    def parts_manifest(self) -> Path:
-        return self.parts / "manifest.json"
-
-    @property
-    def final_manifest(self) -> Path:
-        return self.output.parent / (self.output.name + ".manifest.json")
-
-    def chunk(self, k: int) -> Path:
-        return self.parts / f"chunk-{k:05d}.npz"
-
-    def energy_chunk(self, k: int) -> Path:
-        return self.parts / f"energy-{k:05d}.npy"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+SEED_RANGE = (0, 1 << 64)  # the Philox key is 64 bits
 
 
 def dataset_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
@@ -88,9 +60,23 @@ def config_fingerprint(purifier: Purifier, seed: int, chunk_size: int) -> tuple[
         "evaluator": evaluator,
         "threads": purifier.provenance.get("threads"),
         "checkpoints": purifier.provenance.get("checkpoints", {}),
+        # The architecture each network was built with: the same weights under another config.json
+        # (another norm_eps, attention head size, ...) give other bytes.
+        "networks": network_configs(purifier),
     }
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), config
+
+
+def network_configs(purifier: Purifier) -> dict:
+    evaluator = purifier.evaluator
+    out = {}
+    for kind in ("ebm", "unet"):
+        model = getattr(evaluator, kind, None)
+        config = getattr(getattr(model, "_orig_mod", model), "config", None)
+        if config is not None:
+            out[kind] = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+    return out
 
 
 class _Prefetcher:
@@ -128,6 +114,7 @@ class _Writer:
             try:
                 k, arrays = item
                 write_npz_atomic(self.paths.chunk(k), **arrays)
+                self.manifest["chunk_sha256"][str(k)] = file_sha256(self.paths.chunk(k))
                 self.manifest["finished_chunks"] = sorted(set(self.manifest["finished_chunks"]) | {k})
                 write_json_atomic(self.paths.parts_manifest, self.manifest)
             except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
@@ -156,25 +143,43 @@ def image_progress_bar(total: int, desc: str, enabled: bool):
                 bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
 
 
-def _read_manifest(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: unreadable manifest ({e}); use --overwrite to start again") from None
+def check_seed(seed) -> int:
+    """The seed as the noise streams take it: an integer in [0, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"--seed must be an integer, got {seed!r}")
+    if not SEED_RANGE[0] <= int(seed) < SEED_RANGE[1]:
+        raise InputError(f"--seed must be in [0, 2**64), got {seed}")
+    return int(seed)
 
 
-def _check_resumable(paths: JobPaths, manifest: dict, input_fp: str, config_fp: str) -> None:
-    if manifest.get("input_fingerprint") != input_fp:
-        raise InputError(
-            f"{paths.parts_manifest}: the unfinished job was run on different input data; "
-            "use --overwrite to start again"
-        )
-    if manifest.get("config_fingerprint") != config_fp:
-        raise InputError(
-            f"{paths.parts_manifest}: the unfinished job used a different configuration (method, seed, "
-            "checkpoints, micro-batch, threads, backend or chunk size); use --overwrite to start again, "
-            "or the same options to resume"
-        )
+def _check_job_options(seed, batch_size: int, chunk_size: int, limit: int | None, resume: bool, overwrite: bool):
+    check_seed(seed)
+    for name, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size)):
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other: continue the job, or start it again")
+
+
+def _check_apart(target: OutputTarget, paths: JobPaths, input_path, dataset: ImageDataset) -> None:
+    """No file the job writes or may delete is, contains or lies inside the input."""
+    inputs = [resolved(input_path, "input")] + [resolved(f, "input") for f in (dataset.files or ())]
+    written = [*target.files, resolved(paths.final_manifest, "output"), resolved(paths.parts, "output")]
+    for w in written:
+        for i in inputs:
+            if overlaps(w, i):
+                relation = "is" if w == i else ("contains" if w in i.parents else "lies inside")
+                raise InputError(f"{w}: the output {relation} the input {i}; choose an output path apart from it")
+
+
+def _describe_read(dataset: ImageDataset, input_path, n: int) -> str:
+    labelled = "labelled" if dataset.labels is not None else "unlabelled"
+    shape = "x".join(str(d) for d in dataset.images.shape[1:])
+    files = dataset.files or ()
+    where = ", ".join(Path(f).name for f in files) if files else str(input_path)
+    return f"puregen: read {n} {labelled} {shape} images from {where}"
 
 
 def run_job(
@@ -189,94 +194,126 @@ def run_job(
     overwrite: bool = False,
     limit: int | None = None,
     input_format: str | None = None,
+    split: str | None = None,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Purify the dataset at `input_path` into `output_path`; returns the final manifest."""
-    if batch_size < 1 or chunk_size < 1:
-        raise InputError("--batch-size and --chunk-size must be >= 1")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}")
-    paths = JobPaths(Path(output_path))
-    if paths.output.resolve() == Path(input_path).resolve():
-        raise InputError(f"{output_path}: the output would overwrite the input")
-    paths.output.parent.mkdir(parents=True, exist_ok=True)
+    """Purify the dataset at `input_path` into `output_path`; returns the final manifest.
 
-    dataset = read_dataset(input_path, format=input_format)
+    Every option, the input and the output location are checked before the first image is purified
+    and before anything is written. `split` picks train or test in a CIFAR or IDX folder. `log`
+    receives one line naming the files read (default: standard error when `progress` is on).
+    """
+    if log is None:
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    _check_job_options(seed, batch_size, chunk_size, limit, resume, overwrite)
+    output_format(output_path)  # a name that means no format is refused before a long read
+    paths = JobPaths(resolved(output_path, "output"))
+    resolved(input_path, "input")
+
+    dataset = read_dataset(input_path, format=input_format, split=split)
     images, labels = dataset.images, dataset.labels
     if limit is not None:
         images = images[:limit]
         labels = None if labels is None else labels[:limit]
     n = len(images)
     purifier.check_image_shape(*images.shape[1:], source=str(input_path))
+    target = plan_output(output_path, has_labels=labels is not None)
+    _check_apart(target, paths, input_path, dataset)
+    target.check_replaceable()
+    out_data = ImageDataset(images, labels, str(target.path), dataset.num_classes,
+                            dataset.class_names if target.format == "folder" else None,
+                            names=dataset.names[:n] if dataset.names is not None and target.format == "folder" else None,
+                            label_dtype=dataset.label_dtype)
+    check_writable(target, out_data)
+    log(_describe_read(dataset, input_path, n))
     input_fp = dataset_fingerprint(images, labels)
     config_fp, config = config_fingerprint(purifier, seed, chunk_size)
+    start = decide(paths, target, resume=resume, overwrite=overwrite, input_fp=input_fp, config_fp=config_fp)
+    if start.finished is not None:
+        remove_orphans(paths, target)
+        return start.finished
 
-    if paths.output.exists() or paths.final_manifest.exists():
-        if resume and paths.final_manifest.exists() and paths.output.exists():
-            done = _read_manifest(paths.final_manifest)
-            if done.get("input_fingerprint") == input_fp and done.get("config_fingerprint") == config_fp:
-                return done  # already complete, nothing to redo
-        if not overwrite:
-            raise InputError(f"{paths.output}: already exists; pass --overwrite to replace it")
-    if paths.parts.exists():
-        if resume:
-            manifest = _read_manifest(paths.parts_manifest) if paths.parts_manifest.exists() else None
-            if manifest is not None:
-                _check_resumable(paths, manifest, input_fp, config_fp)
-        elif overwrite:
-            shutil.rmtree(paths.parts)
-            manifest = None
-        else:
-            raise InputError(
-                f"{paths.parts}: an unfinished job's parts are here; pass --resume to continue it "
-                "or --overwrite to start again"
-            )
-    else:
-        manifest = None
-    paths.parts.mkdir(exist_ok=True)
+    # Nothing has been written or removed up to here.
+    manifest = start.manifest
     if manifest is None:
+        clear_for_new_job(paths)
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "input": str(input_path),
+            "input_files": list(dataset.files or ()),
             "input_fingerprint": input_fp,
             "config_fingerprint": config_fp,
             "config": config,
             "num_images": n,
             "chunk_size": chunk_size,
             "finished_chunks": [],
+            "chunk_sha256": {},
             "finished_energy_chunks": [],
         }
-        write_json_atomic(paths.parts_manifest, manifest)
+        create_parts(paths, manifest)
+    with locked(paths):
+        remove_orphans(paths, target)
+        return _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch_size, chunk_size,
+                           progress, on_chunk, dataset)
 
+
+def _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch_size, chunk_size, progress,
+                on_chunk, dataset) -> dict:
+    n = len(images)
+    key = job_key(manifest["input_fingerprint"], manifest["config_fingerprint"])
     chunks = [(k, s, min(s + chunk_size, n)) for k, s in enumerate(range(0, n, chunk_size))]
     started = time.perf_counter()
-
-    global_pass = purifier.needs_global_pass
-    if global_pass:
-        _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress)
-        energies = np.concatenate([np.load(paths.energy_chunk(k)) for k, _, _ in chunks])
-        purifier.filt_selection = FiltSelection.from_quantile(
-            energies, np.arange(n), purifier.config.filt.filter_frac
-        )
-        manifest["filt_threshold"] = {"energy": purifier.filt_selection.energy, "index": purifier.filt_selection.index}
-    try:
-        images_run = _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, progress, on_chunk)
-    finally:
-        if global_pass:  # the selection belongs to this dataset, not to the purifier
-            purifier.filt_selection = None
+    images_run = 0
+    if not manifest.get("merging"):
+        global_pass = purifier.needs_global_pass
+        if global_pass:
+            _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress)
+            energies = np.concatenate([np.load(paths.energy_chunk(k)) for k, _, _ in chunks])
+            purifier.filt_selection = FiltSelection.from_quantile(
+                energies, np.arange(n), purifier.config.filt.filter_frac
+            )
+            manifest["filt_threshold"] = {"energy": purifier.filt_selection.energy,
+                                          "index": purifier.filt_selection.index}
+        try:
+            images_run = _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress,
+                                        on_chunk)
+        finally:
+            if global_pass:  # the selection belongs to this dataset, not to the purifier
+                purifier.filt_selection = None
     elapsed = time.perf_counter() - started
     runtime = getattr(purifier.evaluator, "compile_state", dict)()
-    return _merge(paths, manifest, chunks, labels, elapsed, images_run, runtime)
+    return _merge(paths, target, manifest, chunks, key, out_data, elapsed, images_run, runtime, dataset)
 
 
-def _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, progress, on_chunk) -> int:
+def check_writable(target: OutputTarget, data: ImageDataset) -> None:
+    """What the writer would refuse at the end, refused now."""
+    if target.format == "idx":
+        if data.channels != 1:
+            raise InputError(f"{target.path}: IDX holds single-channel images; these have {data.channels} channels "
+                             "(write a .npz or an image folder)")
+        if data.labels is not None and len(data.labels) and data.labels.max() > 255:
+            raise InputError(f"{target.path}: IDX labels are bytes; these go up to {data.labels.max()}")
+    if target.format == "npz" and data.label_dtype is not None and data.labels is not None and len(data.labels):
+        info = np.iinfo(np.dtype(data.label_dtype))
+        if data.labels.min() < info.min or data.labels.max() > info.max:
+            raise InputError(f"{target.path}: labels do not fit their input dtype {data.label_dtype}")
+
+
+def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress, on_chunk) -> int:
     """The main pass over the chunks not yet finished; returns how many images it purified."""
     n = len(images)
-    # A chunk file is renamed into place whole, and the parts folder belongs to this job
-    # (its manifest's fingerprints were checked), so a chunk on disk is finished even when
-    # the kill came between its rename and the manifest's update.
-    finished = {k for k, _, _ in chunks if paths.chunk(k).exists()}
+    # A chunk file is renamed into place whole and carries the job's key and its rows, so a chunk on
+    # disk that passes `load_chunk` is finished even when the kill came between its rename and the
+    # manifest's update (its sha256 is then recorded now).
+    recorded = manifest.setdefault("chunk_sha256", {})
+    finished = set()
+    for k, start, stop in chunks:
+        if paths.chunk(k).exists():
+            load_chunk(paths.chunk(k), key, start, stop, recorded.get(str(k)))
+            recorded.setdefault(str(k), file_sha256(paths.chunk(k)))
+            finished.add(k)
     manifest["finished_chunks"] = sorted(finished)
     todo = [c for c in chunks if c[0] not in finished]
     images_todo = sum(stop - start for _, start, stop in todo)
@@ -295,9 +332,10 @@ def _purify_chunks(purifier, images, chunks, paths, manifest, seed, batch_size, 
                 )
                 outs.append(res.images.cpu().numpy())
                 audits.append(res.audit)
-            arrays = {"x": np.concatenate(outs), "index": np.arange(start, stop, dtype=np.int64)}
-            for key in audits[0]:
-                arrays[f"audit_{key}"] = np.concatenate([a[key] for a in audits])
+            arrays = {"x": np.concatenate(outs), "index": np.arange(start, stop, dtype=np.int64),
+                      "job": key_array(key)}
+            for name in audits[0]:
+                arrays[f"audit_{name}"] = np.concatenate([a[name] for a in audits])
             writer.put(k, arrays)
             if on_chunk is not None:
                 on_chunk(k)
@@ -331,22 +369,32 @@ def _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress
         bar.close()
 
 
-def _merge(paths: JobPaths, manifest: dict, chunks, labels, elapsed: float, images_run: int, runtime: dict) -> dict:
+def _merge(paths: JobPaths, target: OutputTarget, manifest: dict, chunks, key: str, out_data: ImageDataset,
+           elapsed: float, images_run: int, runtime: dict, dataset: ImageDataset) -> dict:
+    """Join the chunks into the output. Resumable: the work folder says it is merging before the output
+    is replaced, and the final manifest is written only once the output is in place."""
     parts, audit = [], {}
-    for k, _, _ in chunks:
-        with np.load(paths.chunk(k), allow_pickle=False) as z:
-            parts.append(z["x"])
-            for key in z.files:
-                if key.startswith("audit_"):
-                    audit.setdefault(key[len("audit_"):], []).append(z[key])
+    recorded = manifest.get("chunk_sha256", {})
+    for k, start, stop in chunks:
+        arrays = load_chunk(paths.chunk(k), key, start, stop, recorded.get(str(k)))
+        parts.append(arrays["x"])
+        for name, value in arrays.items():
+            if name.startswith("audit_"):
+                audit.setdefault(name[len("audit_"):], []).append(value)
     images = np.concatenate(parts)
-    write_dataset(paths.output, images, labels)
-    final = dict(manifest)
+    if not manifest.get("merging"):
+        manifest["merging"] = True
+        write_json_atomic(paths.parts_manifest, manifest)
+    out_data.images = images
+    write_dataset(target.path, out_data)
+    final = {k: v for k, v in manifest.items() if k not in ("merging", "finished_energy_chunks")}
     final.update(
         {
             "complete": True,
-            "output": str(paths.output),
-            "output_fingerprint": dataset_fingerprint(images, labels),
+            "output": str(target.path),
+            "output_files": [str(p) for p in target.files],
+            "output_fingerprint": dataset_fingerprint(images, out_data.labels),
+            "output_digest": output_digest(target),
             "audit": {k: np.concatenate(v).astype(float).round(7).tolist() for k, v in audit.items()},
             "provenance": {**run_provenance(), "compile_state": runtime},
             "timing": {
@@ -356,6 +404,9 @@ def _merge(paths: JobPaths, manifest: dict, chunks, labels, elapsed: float, imag
             },
         }
     )
+    if dataset.names is not None:
+        final["sources"] = list(dataset.names[: len(images)])
     write_json_atomic(paths.final_manifest, final)
-    shutil.rmtree(paths.parts, ignore_errors=True)
+    clear_for_new_job(paths)
+    remove_orphans(paths, target)
     return final

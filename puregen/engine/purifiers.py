@@ -23,6 +23,22 @@ from .samplers import diffuse_denoise, langevin
 ProgressFn = Callable[[float], None]
 
 
+class _StepProgress:
+    """Turns network steps into images on the progress bar, in whole updates that sum to exactly the
+    batch size (fractions of n / steps summed over the steps overshoot it by float rounding)."""
+
+    def __init__(self, progress: ProgressFn, n: int, steps: int):
+        self.progress, self.n, self.steps = progress, n, max(steps, 1)
+        self.done_steps = self.reported = 0
+
+    def __call__(self, k: int) -> None:
+        self.done_steps = min(self.done_steps + k, self.steps)
+        position = self.n * self.done_steps // self.steps
+        if position > self.reported:
+            self.progress(position - self.reported)
+            self.reported = position
+
+
 @dataclass
 class PurifyResult:
     images: torch.Tensor  # uint8 NHWC
@@ -184,7 +200,7 @@ class Purifier:
         images_u8 = images_u8.to(self.device)
         indices = indices.to(torch.int64)
         n = images_u8.shape[0]
-        per_step = (lambda k: progress(k * n / self.network_steps())) if progress else None
+        per_step = _StepProgress(progress, n, self.network_steps()) if progress else None
         x = to_model_space(images_u8)
         audit: dict[str, np.ndarray] = {}
         energy_before = self.evaluator.energy(x).cpu().numpy() if self.has_ebm else None
@@ -224,8 +240,8 @@ class Purifier:
                 )
                 x = x.clone()
                 x[sel] = purified
-            if progress:
-                progress(n)
+            if per_step is not None:
+                per_step(self.network_steps())
         else:  # pragma: no cover - method names are validated by method_config
             raise InputError(f"unknown method {self.method!r}")
 
