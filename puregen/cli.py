@@ -84,7 +84,7 @@ def _cmd_purify(args) -> int:
         batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,
         threads=args.threads, device=args.device, precision=args.precision, backend=args.backend,
         onnx_dir=args.onnx_dir, resume=args.resume, overwrite=args.overwrite, limit=args.limit, input_format=args.input_format,
-        split=args.split, progress=not args.no_progress,
+        split=args.split, progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     timing = manifest.get("timing", {})
     rate = timing.get("images_per_second_this_run")
@@ -236,6 +236,8 @@ def _cmd_train(args) -> int:
     from .engine.factory import pin_threads
     from .training.loop import load_training_data
 
+    if args.checkpoint_every < 1:
+        raise InputError(f"--checkpoint-every must be a positive number of steps, got {args.checkpoint_every}")
     pin_threads(args.threads)
     data = load_training_data(args.data, limit=args.limit)
     channels = data.images.shape[1]

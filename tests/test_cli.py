@@ -240,4 +240,6 @@ def test_train_ebm_with_a_weight_average_and_its_options(good_npz, tmp_path):
     assert_input_error(r, "--ema-decay", "ddpm")
     r = cli("train", "ddpm", good_npz, "-o", tmp_path / "ddpm", "--preset", "tiny", "--keep-every", 1)
     assert_input_error(r, "--keep-every", "ddpm")
+    r = cli("train", "ddpm", good_npz, "-o", tmp_path / "ddpm", "--preset", "tiny", "--checkpoint-every", 0)
+    assert_input_error(r, "--checkpoint-every", "positive")  # was a ZeroDivisionError after the first step
     assert not (tmp_path / "ddpm").exists()

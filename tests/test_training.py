@@ -1,6 +1,7 @@
 """Training loops: exact resumption, recipe checks, checkpoints that load for purification."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -24,10 +25,15 @@ from .conftest import smooth_images
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("train") / "train.npz"
     write_dataset(path, smooth_images(48, seed=7), np.arange(48) % 4)
-    return load_training_data(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(data_path):
+    return load_training_data(data_path)
 
 
 def _weights(folder):
@@ -202,3 +208,99 @@ def test_training_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, nativ
     expected = "bf16" if native else "fp32"  # emulated bf16 trained 2.4x slower than fp32
     assert loop.fastest_training_precision() == expected
     assert small_settings().classifier.precision == expected and FriendlyNoiseRecipe().precision == expected
+
+
+def _recorded(run_dir):
+    import json
+
+    return json.loads((run_dir / "training_state.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["ebm", "ddpm", "classifier"])
+def test_resume_of_a_missing_or_stateless_run_folder_is_refused(kind, data, tmp_path):
+    train, recipe = {
+        "ebm": (train_ebm, dataclasses.replace(EBMRecipe.preset("tiny"), steps=2)),
+        "ddpm": (train_ddpm, dataclasses.replace(DDPMRecipe.preset("tiny"), steps=2)),
+        "classifier": (train_classifier_run, ClassifierRecipe(epochs=1, batch_size=24)),
+    }[kind]
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(InputError, match=f"{re.escape(str(missing))}: .*does not exist.*without --resume"):
+        train(data, missing, recipe, resume=True, progress=False)
+    assert not missing.exists()  # refused before anything was written
+    stateless = tmp_path / "stateless"
+    stateless.mkdir()
+    (stateless / "notes.txt").write_text("not a run\n")
+    with pytest.raises(InputError, match=f"{re.escape(str(stateless))}: .*no training state"):
+        train(data, stateless, recipe, resume=True, progress=False)
+    assert sorted(p.name for p in stateless.iterdir()) == ["notes.txt"]
+
+
+def test_cli_resume_of_a_missing_run_is_an_input_error(data_path, tmp_path, capsys):
+    from puregen.cli import main
+
+    missing = tmp_path / "typo-run"
+    assert main(["train", "ebm", str(data_path), "-o", str(missing), "--preset", "tiny", "--resume",
+                 "--no-progress", "--threads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"puregen: error: {missing}: " in err and "does not exist" in err and "Traceback" not in err
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_fixed_when_a_run_starts_and_recorded(native, data, tmp_path, monkeypatch):
+    from puregen.engine import fastpath
+
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: native)
+    chosen = "bf16" if native else "fp32"  # the purifiers' auto: emulated bf16 is several times slower
+    assert EBMRecipe.preset("small").precision == "auto"
+    recipe = dataclasses.replace(EBMRecipe.preset("tiny"), steps=2, precision="auto")
+    info = train_ebm(data, tmp_path / "auto", recipe, progress=False)
+    assert info["precision"] == chosen
+    assert _recorded(tmp_path / "auto")["recipe"]["precision"] == chosen
+    # it trained in that precision, not merely recorded it: the same weights as an explicit run
+    train_ebm(data, tmp_path / "explicit", dataclasses.replace(recipe, precision=chosen), progress=False)
+    a, b = _weights(tmp_path / "auto"), _weights(tmp_path / "explicit")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="precision 'fp16'.*auto, fp32 or bf16"):
+        train_ebm(data, tmp_path / "bad", dataclasses.replace(recipe, precision="fp16"), progress=False)
+
+
+@pytest.mark.parametrize("first_native, then_native", [(True, False), (False, True)])
+def test_a_run_resumed_on_another_cpu_keeps_its_recorded_precision(first_native, then_native, data, tmp_path,
+                                                                   monkeypatch, capsys):
+    from puregen.engine import fastpath
+
+    recorded = "bf16" if first_native else "fp32"
+    recipe = dataclasses.replace(EBMRecipe.preset("tiny"), steps=4, precision="auto")
+    train_ebm(data, tmp_path / "whole", dataclasses.replace(recipe, precision=recorded), progress=False)
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: first_native)
+    train_ebm(data, tmp_path / "split", recipe, progress=False, max_steps_this_call=2)
+    train_ebm(data, tmp_path / "split", recipe, progress=False, max_steps_this_call=1, resume=True)
+    assert "warning" not in capsys.readouterr().err  # the same CPU: nothing to say
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: then_native)
+    info = train_ebm(data, tmp_path / "split", recipe, progress=False, resume=True)
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'split'}: " in err and f"in {recorded}" in err and err.count("\n") == 1, err
+    assert info["step"] == 4 and info["precision"] == recorded
+    assert _recorded(tmp_path / "split")["recipe"]["precision"] == recorded
+    whole, split = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert all(torch.equal(whole[k], split[k]) for k in whole)  # exact: the resumed steps ran in `recorded`
+    other = "fp32" if recorded == "bf16" else "bf16"
+    with pytest.raises(InputError, match=f"trains in {recorded}.*--precision {recorded} or auto"):
+        train_ebm(data, tmp_path / "split", dataclasses.replace(recipe, precision=other), resume=True,
+                  progress=False)
+
+
+def test_cli_train_precision_defaults_to_the_presets_auto(data_path, tmp_path, monkeypatch):
+    from puregen.cli import build_parser, main
+    from puregen.engine import fastpath
+
+    args = ["train", "ebm", str(data_path), "--no-progress", "--threads", "2", "--batch-size", "4"]
+    assert build_parser().parse_args([*args, "-o", "x", "--precision", "auto"]).precision == "auto"
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: False)
+    # the small preset on a CPU without native bf16: fp32, no longer emulated bf16
+    assert main([*args, "-o", str(tmp_path / "small"), "--preset", "small", "--steps", "1"]) == 0
+    assert _recorded(tmp_path / "small")["recipe"]["precision"] == "fp32"
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: True)
+    assert main([*args, "-o", str(tmp_path / "tiny"), "--preset", "tiny", "--steps", "1", "--precision", "auto"]) == 0
+    assert _recorded(tmp_path / "tiny")["recipe"]["precision"] == "bf16"

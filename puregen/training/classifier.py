@@ -16,12 +16,15 @@ from ..errors import InputError
 from ..models.classifiers import build_classifier
 from .loop import (
     Progress,
+    StopSignals,
     TrainingData,
     autocast,
     batch_indices,
     check_precision,
+    concrete_precision,
     cosine_with_warmup,
     open_run,
+    prepare_run,
     save_run,
     set_lr,
     stop_step,
@@ -41,7 +44,8 @@ class ClassifierRecipe:
     flip: bool = True
     seed: int = 0
     # "bf16": autocast the forward and backward to bfloat16 (weights stay fp32); about 2.5x faster on CPUs
-    # with AVX512-BF16 or AMX, slower without (loop.fastest_training_precision picks).
+    # with AVX512-BF16 or AMX, slower without. "auto" picks by that rule (loop.fastest_training_precision); a
+    # run folder fixes it when the run starts and records it in the recipe.
     precision: str = "fp32"
     # Bernoulli noise added to every augmented batch, drawn afresh each step: each pixel moves by
     # +input_noise or -input_noise (pixel units, so 8/255 is 8 levels) with equal odds, the kind FrieNDs
@@ -107,27 +111,29 @@ def _fit(model, opt, images, labels, recipe: ClassifierRecipe, start: int, stop:
     total = total_steps(len(images), recipe)
     model.train()
     running = None
-    for step in range(start, stop):
-        g = step_generator(recipe.seed, step)
-        idx = batch_indices(len(images), recipe.batch_size, step, recipe.seed)
-        x = augment(images[idx], recipe.crop_padding, recipe.flip, g)
-        if recipe.input_noise:  # nothing is drawn from g when off, so runs without noise are unchanged
-            signs = torch.randint(0, 2, x.shape, generator=g, dtype=x.dtype) * 2 - 1
-            x = (x + signs * (2 * recipe.input_noise)).clamp(-1, 1)  # model space spans twice pixel units
-        set_lr(opt, cosine_with_warmup(step, total, min(50, total // 10), recipe.lr))
-        x = in_classifier_layout(x)
-        with autocast(recipe.precision):
-            loss = F.cross_entropy(model(x).float(), labels[idx])
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"classifier loss became {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        bar.update(step, loss=running)
-        if after_step is not None:
-            after_step(step, running)
-    bar.close()
+    try:
+        for step in range(start, stop):
+            g = step_generator(recipe.seed, step)
+            idx = batch_indices(len(images), recipe.batch_size, step, recipe.seed)
+            x = augment(images[idx], recipe.crop_padding, recipe.flip, g)
+            if recipe.input_noise:  # nothing is drawn from g when off, so runs without noise are unchanged
+                signs = torch.randint(0, 2, x.shape, generator=g, dtype=x.dtype) * 2 - 1
+                x = (x + signs * (2 * recipe.input_noise)).clamp(-1, 1)  # model space spans twice pixel units
+            set_lr(opt, cosine_with_warmup(step, total, min(50, total // 10), recipe.lr))
+            x = in_classifier_layout(x)
+            with autocast(recipe.precision):
+                loss = F.cross_entropy(model(x).float(), labels[idx])
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"classifier loss became {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            bar.update(step, loss=running)
+            if after_step is not None:
+                after_step(step, running)
+    finally:
+        bar.close()
     model.eval()
 
 
@@ -141,6 +147,7 @@ def train_classifier(
     desc: str = "train classifier",
 ) -> nn.Module:
     """Train a classifier on model-space images (float32 NCHW in [-1, 1]); returns it in eval mode."""
+    recipe = dataclasses.replace(recipe, precision=concrete_precision(recipe.precision))
     model, opt = _setup(images.shape[1], num_classes, recipe)
     total = total_steps(len(images), recipe)
     _fit(model, opt, images, labels, recipe, 0, total, Progress(total, 0, desc, recipe.batch_size, progress))
@@ -165,6 +172,7 @@ def train_classifier_run(
     num_classes = num_classes or int(data.labels.max()) + 1
     if num_classes < 2:
         raise InputError(f"{data.source}: classifier training needs at least 2 classes")
+    recipe = prepare_run(run_dir, recipe, resume=resume)
     model, opt = _setup(data.images.shape[1], num_classes, recipe)
     start, history, _ = open_run(run_dir, resume=resume, model=model, optimizer=opt, recipe=recipe.to_dict(),
                                  data=data)
@@ -174,15 +182,17 @@ def train_classifier_run(
     def save(step: int) -> None:
         save_run(run_dir, "classifier", recipe.to_dict(), data, history, step=step, model=model, optimizer=opt)
 
-    def after_step(step: int, running: float) -> None:
-        if (step + 1) % 50 == 0:
-            history.append({"step": step + 1, "loss": round(running, 6)})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
-            save(step + 1)
-
     bar = Progress(total, start, "train classifier", recipe.batch_size, progress)
-    _fit(model, opt, data.images, data.labels, recipe, start, stop, bar, after_step)
-    return {"step": stop, "history": history, "run_dir": str(run_dir)}
+    with StopSignals() as signals:
+
+        def after_step(step: int, running: float) -> None:
+            if (step + 1) % 50 == 0:
+                history.append({"step": step + 1, "loss": round(running, 6)})
+            signals.end_of_step(step + 1, stop, run_dir, lambda: save(step + 1),
+                                due=(step + 1) % checkpoint_every == 0 or step + 1 == stop)
+
+        _fit(model, opt, data.images, data.labels, recipe, start, stop, bar, after_step)
+    return {"step": stop, "history": history, "run_dir": str(run_dir), "precision": recipe.precision}
 
 
 @torch.no_grad()

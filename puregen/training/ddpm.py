@@ -8,6 +8,7 @@ EMA weights (the EMA model is the one saved for purification).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -22,14 +23,15 @@ from ..errors import InputError
 from ..models.unet import UNet2D, UNetConfig
 from .loop import (
     Progress,
+    StopSignals,
     TrainingData,
     autocast,
     batch_indices,
-    check_precision,
     cosine_with_warmup,
     ema_tensors,
     ema_update,
     open_run,
+    prepare_run,
     restore_ema,
     save_run,
     set_lr,
@@ -60,7 +62,9 @@ class DDPMRecipe:
     t_train: int = 250
     grad_clip: float = 1.0
     seed: int = 0
-    precision: str = "fp32"  # "bf16": autocast the UNet; the loss is taken in fp32
+    # "bf16": autocast the UNet; the loss is taken in fp32. "auto": bf16 where the CPU has it natively, else
+    # fp32; fixed when the run starts and recorded in its recipe.
+    precision: str = "fp32"
     unet: dict = field(default_factory=lambda: small_unet().to_dict())
 
     @classmethod
@@ -101,10 +105,10 @@ def train_ddpm(
 ) -> dict:
     """Train (or continue training) a DDPM; returns the final info. The run folder is a checkpoint."""
     run_dir = Path(run_dir)
-    check_precision(recipe.precision)
     cfg = UNetConfig.from_dict(recipe.unet)
     if data.images.shape[1] != cfg.in_channels:
         raise InputError(f"{data.source}: images have {data.images.shape[1]} channels, the UNet expects {cfg.in_channels}")
+    recipe = prepare_run(run_dir, recipe, resume=resume)
     torch.manual_seed(recipe.seed)
     unet = UNet2D(cfg)
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -123,23 +127,23 @@ def train_ddpm(
     bar = Progress(recipe.steps, start, "train ddpm", recipe.batch_size, progress)
     running = None
     unet.train()
-    for step in range(start, stop):
-        g = step_generator(recipe.seed, step)
-        x0 = data.images[batch_indices(len(data), recipe.batch_size, step, recipe.seed)]
-        set_lr(opt, cosine_with_warmup(step, recipe.steps, recipe.warmup, recipe.lr))
-        loss = ddpm_loss(unet, x0, schedule, recipe.t_train, g, recipe.precision)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"DDPM loss became {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
-        opt.step()
-        ema_update(ema, unet, recipe.ema_decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(step, loss=running)
-        if (step + 1) % 50 == 0:
-            history.append({"step": step + 1, "loss": round(running, 6)})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
-            save(step + 1)
-    bar.close()
-    return {"step": stop, "history": history, "run_dir": str(run_dir)}
+    with StopSignals() as signals, contextlib.closing(bar):
+        for step in range(start, stop):
+            g = step_generator(recipe.seed, step)
+            x0 = data.images[batch_indices(len(data), recipe.batch_size, step, recipe.seed)]
+            set_lr(opt, cosine_with_warmup(step, recipe.steps, recipe.warmup, recipe.lr))
+            loss = ddpm_loss(unet, x0, schedule, recipe.t_train, g, recipe.precision)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"DDPM loss became {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
+            opt.step()
+            ema_update(ema, unet, recipe.ema_decay)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.update(step, loss=running)
+            if (step + 1) % 50 == 0:
+                history.append({"step": step + 1, "loss": round(running, 6)})
+            signals.end_of_step(step + 1, stop, run_dir, lambda: save(step + 1),
+                                due=(step + 1) % checkpoint_every == 0 or step + 1 == stop)
+    return {"step": stop, "history": history, "run_dir": str(run_dir), "precision": recipe.precision}

@@ -10,6 +10,7 @@ every checkpoint, so a run resumes exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -22,13 +23,14 @@ from ..errors import InputError
 from ..models.ebm import EBM, EBMConfig
 from .loop import (
     Progress,
+    StopSignals,
     TrainingData,
     autocast,
     batch_indices,
-    check_precision,
     ema_tensors,
     ema_update,
     open_run,
+    prepare_run,
     restore_ema,
     save_run,
     set_lr,
@@ -53,7 +55,9 @@ class EBMRecipe:
     nf: int = 32
     in_channels: int = 1
     seed: int = 0
-    precision: str = "fp32"  # "bf16": autocast the network; samples, bank and update stay fp32
+    # "bf16": autocast the network; samples, bank and update stay fp32. "auto": bf16 where the CPU has it
+    # natively, else fp32, as for purification; fixed when the run starts and recorded in its recipe.
+    precision: str = "fp32"
     # An exponential moving average of the weights, saved as the run's model when set. Maximum-likelihood
     # training wanders from checkpoint to checkpoint as the model chases its own sample bank; the average
     # damps that. The negative samples always come from the raw weights, as the recipe defines them.
@@ -65,7 +69,8 @@ class EBMRecipe:
             # The shipped Fashion-MNIST EBM's recipe. Against the first shipped one (lr 2e-4, 25 Langevin steps
             # per update, lr x0.1 at step 2000, fp32) it kept 0.39 instead of 0.65 of the demo trigger through
             # 150 purification steps (docs/default-models.md).
-            return cls(lr=5e-4, langevin_steps=20, lr_decay_at=(), precision="bf16", in_channels=in_channels)
+            # Its bf16 is "auto": emulated bf16 (a CPU without AVX512-BF16 or AMX) is several times slower.
+            return cls(lr=5e-4, langevin_steps=20, lr_decay_at=(), precision="auto", in_channels=in_channels)
         if name == "tiny":
             return cls(steps=6, batch_size=8, langevin_steps=3, bank_size=32, nf=8, lr_decay_at=(4,),
                        in_channels=in_channels)
@@ -121,7 +126,6 @@ def train_ebm(
     training wanders, and the last step need not be the best purifier.
     """
     run_dir = Path(run_dir)
-    check_precision(recipe.precision)
     if recipe.ema_decay is not None and not 0.0 < recipe.ema_decay < 1.0:
         raise InputError(f"the EMA decay must lie in (0, 1), got {recipe.ema_decay}")
     if keep_every is not None and keep_every < 1:
@@ -130,6 +134,7 @@ def train_ebm(
         raise InputError(f"the sample bank ({recipe.bank_size}) must hold at least one batch ({recipe.batch_size})")
     if data.images.shape[1] != recipe.in_channels:
         raise InputError(f"{data.source}: images have {data.images.shape[1]} channels, the EBM expects {recipe.in_channels}")
+    recipe = prepare_run(run_dir, recipe, resume=resume)
     torch.manual_seed(recipe.seed)
     ebm = EBM(EBMConfig(in_channels=recipe.in_channels, nf=recipe.nf))
     opt = torch.optim.Adam(ebm.parameters(), lr=recipe.lr)
@@ -159,38 +164,38 @@ def train_ebm(
     stop = stop_step(start, recipe.steps, max_steps_this_call)
     bar = Progress(recipe.steps, start, "train ebm", recipe.batch_size, progress)
     running = None
-    for step in range(start, stop):
-        g = step_generator(recipe.seed, step)
-        set_lr(opt, recipe.lr * recipe.lr_decay ** sum(step >= s for s in recipe.lr_decay_at))
-        pos_idx = batch_indices(len(data), recipe.batch_size, step, recipe.seed)
-        pos = data.images[pos_idx] + recipe.data_jitter * torch.randn(
-            (len(pos_idx), *data.images.shape[1:]), generator=g)
-        # Distinct slots: with repeats, `bank[slots] = neg` keeps whichever write lands last, which varies
-        # between threaded runs and broke exact resumption (seen as a flaky resume test).
-        slots = torch.randperm(recipe.bank_size, generator=g)[: recipe.batch_size]
-        neg = bank[slots].clone()
-        fresh = torch.rand(recipe.batch_size, generator=g) < recipe.reinit_frac
-        if fresh.any():
-            neg[fresh] = _noisy_data(data, int(fresh.sum()), recipe.data_jitter, g)
-        neg = short_run(ebm, neg, recipe.langevin_steps, recipe.drift, recipe.eps, g, recipe.precision)
-        bank[slots] = neg
+    with StopSignals() as signals, contextlib.closing(bar):
+        for step in range(start, stop):
+            g = step_generator(recipe.seed, step)
+            set_lr(opt, recipe.lr * recipe.lr_decay ** sum(step >= s for s in recipe.lr_decay_at))
+            pos_idx = batch_indices(len(data), recipe.batch_size, step, recipe.seed)
+            pos = data.images[pos_idx] + recipe.data_jitter * torch.randn(
+                (len(pos_idx), *data.images.shape[1:]), generator=g)
+            # Distinct slots: with repeats, `bank[slots] = neg` keeps whichever write lands last, which varies
+            # between threaded runs and broke exact resumption (seen as a flaky resume test).
+            slots = torch.randperm(recipe.bank_size, generator=g)[: recipe.batch_size]
+            neg = bank[slots].clone()
+            fresh = torch.rand(recipe.batch_size, generator=g) < recipe.reinit_frac
+            if fresh.any():
+                neg[fresh] = _noisy_data(data, int(fresh.sum()), recipe.data_jitter, g)
+            neg = short_run(ebm, neg, recipe.langevin_steps, recipe.drift, recipe.eps, g, recipe.precision)
+            bank[slots] = neg
 
-        with autocast(recipe.precision):
-            loss = (ebm(pos).float().mean() - ebm(neg).float().mean()) / recipe.temp
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"EBM loss became {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema_update(ema, ebm, recipe.ema_decay)
-        gap = -loss.item() * recipe.temp  # E(neg) - E(pos): positive when data sits lower than samples
-        running = gap if running is None else 0.98 * running + 0.02 * gap
-        bar.update(step, energy_gap=running)
-        if (step + 1) % 25 == 0:
-            history.append({"step": step + 1, "energy_gap": round(running, 8)})
-        keep = bool(keep_every) and (step + 1) % keep_every == 0
-        if keep or (step + 1) % checkpoint_every == 0 or step + 1 == stop:
-            save(step + 1, keep)
-    bar.close()
-    return {"step": stop, "history": history, "run_dir": str(run_dir)}
+            with autocast(recipe.precision):
+                loss = (ebm(pos).float().mean() - ebm(neg).float().mean()) / recipe.temp
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"EBM loss became {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema_update(ema, ebm, recipe.ema_decay)
+            gap = -loss.item() * recipe.temp  # E(neg) - E(pos): positive when data sits lower than samples
+            running = gap if running is None else 0.98 * running + 0.02 * gap
+            bar.update(step, energy_gap=running)
+            if (step + 1) % 25 == 0:
+                history.append({"step": step + 1, "energy_gap": round(running, 8)})
+            keep = bool(keep_every) and (step + 1) % keep_every == 0
+            signals.end_of_step(step + 1, stop, run_dir, lambda: save(step + 1, keep),
+                                due=keep or (step + 1) % checkpoint_every == 0 or step + 1 == stop)
+    return {"step": stop, "history": history, "run_dir": str(run_dir), "precision": recipe.precision}

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +85,44 @@ def fastest_training_precision() -> str:
     return resolve_precision("auto", torch.device("cpu"))
 
 
+def concrete_precision(requested: str) -> str:
+    """`requested` with "auto" replaced by this CPU's choice; an unknown name is an InputError."""
+    if requested == "auto":
+        return fastest_training_precision()
+    if requested not in TRAINING_PRECISIONS:
+        raise InputError(f"unknown training precision {requested!r}; choose auto, fp32 or bf16")
+    return requested
+
+
+def run_precision(run_dir: Path, requested: str, recorded: str | None) -> str:
+    """The precision a run trains in: fixed when it starts, then kept for good.
+
+    bf16 and fp32 steps give different weights, so a run that changed precision when resumed on another CPU
+    would no longer equal an unbroken run. "auto" therefore resolves once, on the CPU that starts the run;
+    the recipe records the result and a resumed run keeps it, saying so where this CPU would pick otherwise.
+    """
+    chosen = concrete_precision(requested)
+    if recorded is None:
+        return chosen
+    if requested == "auto":
+        if chosen != recorded:
+            why = ("this CPU computes bf16 only by emulation, which is slower" if recorded == "bf16"
+                   else "this CPU has native bf16")
+            print(f"puregen: warning: {run_dir}: resuming in {recorded}, the precision the run started with, "
+                  f"although auto would pick {chosen} here ({why}); a run keeps one precision so that it "
+                  "resumes exactly", file=sys.stderr)
+        return recorded
+    if chosen != recorded:
+        from .state import STATE_JSON
+
+        raise InputError(f"{run_dir}: this run trains in {recorded} (recorded in {STATE_JSON} when it started); "
+                         f"resume it with --precision {recorded} or auto, or start a new run for {chosen}")
+    return chosen
+
+
 def autocast(precision: str):
     """bf16 autocast of the network's forward (and so its backward); weights and optimizer stay fp32."""
+    check_precision(precision)  # "auto" must be resolved first (concrete_precision), not run as fp32
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -154,14 +197,130 @@ def save_run(run_dir: Path, kind: str, recipe: dict, data: TrainingData, history
     save_training_state(run_dir, step=step, info=info, **state)
 
 
+def prepare_run(run_dir: Path, recipe, *, resume: bool):
+    """Check the run folder before anything is built, and fix the run's precision: returns the recipe to
+    train with, "auto" replaced by the run's precision (the recorded one when resuming)."""
+    from ..models.safetensors_io import read_json
+    from .state import STATE_JSON
+
+    recorded = None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: exists and is not a run folder")
+    if resume:
+        # Starting afresh here would silently throw away the run the user meant (a typo in -o, say).
+        if not run_dir.exists():
+            raise InputError(f"{run_dir}: no run to resume (the folder does not exist); check the path, or start "
+                             "a new run without --resume")
+        if not (run_dir / STATE_JSON).is_file():
+            raise InputError(f"{run_dir}: holds no training state ({STATE_JSON} is missing), so there is no run to "
+                             "resume; a run folder is written at its first checkpoint")
+        recorded = read_json(run_dir / STATE_JSON)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(f"{run_dir}: a run already exists here; pass --resume to continue it")
+    recorded_precision = None
+    if recorded is not None:
+        # A recorded recipe names a concrete precision ("auto" is resolved before the first save); should one
+        # lack the field, it trained in the recipes' default, fp32.
+        recorded_precision = recorded.get("recipe", {}).get("precision", "fp32")
+    return dataclasses.replace(recipe, precision=run_precision(run_dir, recipe.precision, recorded_precision))
+
+
 def open_run(run_dir: Path, *, resume: bool, model: nn.Module, optimizer, recipe: dict, data: TrainingData):
-    """Start or continue a run: returns (first step, loss history, extra saved tensors)."""
+    """Start or continue a run (checked first by `prepare_run`): returns (first step, loss history, extra
+    saved tensors)."""
     from .state import load_training_state
 
-    if resume and run_dir.exists():
+    if resume:
         info, extra = load_training_state(run_dir, model=model, optimizer=optimizer)
         check_resume(run_dir, info, recipe, data)
         return info["step"], info.get("history", []), extra
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(f"{run_dir}: a run already exists here; pass --resume to continue it")
     return 0, [], {}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after writing a checkpoint at `step` (what --resume continues).
+
+    A KeyboardInterrupt, so that code which stops on Ctrl-C still does; `exit_code` is the shell's 128 + N.
+    """
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        super().__init__(f"{signal.Signals(signum).name} received: stopped after step {step} with a checkpoint "
+                         f"in {run_dir}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopSignals:
+    """While training, SIGINT and SIGTERM ask the loop to stop at the end of the current step, once that
+    step's checkpoint is written (`end_of_step`), instead of losing every step since the last checkpoint.
+
+    The handler only sets a flag, so the checkpoint always holds whole steps. A second signal during a step
+    is handled as before training began (for SIGINT: KeyboardInterrupt, at once): the way out of a long step,
+    costing only the steps since the last checkpoint, which stays intact as it is written atomically. During
+    a checkpoint write it is ignored, so a double Ctrl-C does not throw away the step being saved. The
+    previous handlers come back on exit. Off the main thread, where Python cannot set handlers, it does
+    nothing (signals reach only the main thread there).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._writing = False
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default is the closest.
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            _say(f"\npuregen: {signal.Signals(signum).name} received: finishing this step and writing a "
+                 "checkpoint (send it again to stop at once, without it)\n")
+            return
+        if self._writing:
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # SIG_DFL (or unknown): the default action, e.g. SIGTERM ends us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def end_of_step(self, step: int, stop: int, run_dir: Path, save: Callable[[], None], due: bool) -> None:
+        """After step `step - 1` (of this call's `stop`): write the checkpoint if `due` or a signal came, then
+        raise TrainingInterrupted for a signal, unless this was the call's last step (then the run is done)."""
+        saved = False
+        if due or self.signum is not None:
+            self._write(save)
+            saved = True
+        if self.signum is not None and step < stop:
+            if not saved:  # the signal came after the check above
+                self._write(save)
+            raise TrainingInterrupted(self.signum, step, run_dir)
+
+    def _write(self, save: Callable[[], None]) -> None:
+        self._writing = True
+        try:
+            save()
+        finally:
+            self._writing = False
+
+
+def _say(text: str) -> None:
+    """Write to stderr from a signal handler: straight to file descriptor 2, since the handler may interrupt
+    a write to sys.stderr (the progress bar's), and re-entering a buffered stream raises."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
