@@ -179,7 +179,8 @@ def _describe_read(dataset: ImageDataset, input_path, n: int) -> str:
     shape = "x".join(str(d) for d in dataset.images.shape[1:])
     files = dataset.files or ()
     where = ", ".join(Path(f).name for f in files) if files else str(input_path)
-    return f"puregen: read {n} {labelled} {shape} images from {where}"
+    first = f" (purifying the first {n})" if n < len(dataset) else ""
+    return f"puregen: read {len(dataset)} {labelled} {shape} images from {where}{first}"
 
 
 def run_job(
