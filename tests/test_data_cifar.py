@@ -1,16 +1,20 @@
 """CIFAR batches: restricted unpickling (no code runs from a pickle) and the real file format."""
 
 import builtins
+import contextlib
 import io
 import os
 import pickle
+import signal
 import struct
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from puregen.data import read_dataset
-from puregen.data.cifar import ALLOWED_GLOBALS, load_cifar_batch, write_cifar_batch
+from puregen.data.cifar import ALLOWED_GLOBALS, load_cifar_batch, restricted_load, write_cifar_batch
 from puregen.errors import InputError
 
 
@@ -113,6 +117,8 @@ def test_allow_list_is_exactly_this():
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
+        ("__builtin__", "bytes"),  # Python 3 pickles b'' as bytes() at protocol 2
+        ("builtins", "bytes"),
     }
 
 
@@ -260,3 +266,164 @@ def test_labels_out_of_range_with_num_classes(tmp_path):
     p = write_cifar_batch(tmp_path / "test_batch", _images(3), [0, 10, 2])
     with pytest.raises(InputError, match="out of range"):
         read_dataset(p, num_classes=10)
+
+
+# ------------------------------------------- bounded work for small hostile files
+
+
+def _nested_shared(depth: int, width: int = 10) -> bytes:
+    """A pickle of a few hundred bytes whose tree unfolding has width**depth leaves."""
+    a: list = [1]
+    for _ in range(depth):
+        a = [a] * width
+    return pickle.dumps({b"data": a, b"labels": [0]}, protocol=2)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int, what: str):
+    """A regression fails (TimeoutError) instead of hanging the suite."""
+    def hang(signum, frame):
+        raise TimeoutError(what)
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("depth", [8, 18])
+def test_shared_references_are_walked_once(tmp_path, depth):
+    # 8 deep took 159 s and 18 deep never ended: every path to a shared list was walked
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(_nested_shared(depth))
+    assert p.stat().st_size < 600
+
+    started = time.perf_counter()
+    with _deadline(30, "the shared references are still being walked"):
+        with pytest.raises(InputError, match="b'data' is a list") as ei:
+            load_cifar_batch(p)
+    assert time.perf_counter() - started < 5
+    assert str(p) in str(ei.value)
+
+
+def test_shared_objects_stay_shared_and_valid_batches_still_load(tmp_path):
+    x, y = _images(3), [1, 2, 0]
+    obj = {b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(3, -1)), b"labels": y, b"fine_labels": y,
+           b"extra": [[y, y], [y, y]]}
+    p = tmp_path / "b"
+    p.write_bytes(pickle.dumps(obj, protocol=2))
+    loaded = restricted_load(p)
+    assert loaded[b"labels"] is loaded[b"fine_labels"] and loaded[b"extra"][0] is not None
+    images, labels = load_cifar_batch(p)
+    np.testing.assert_array_equal(images, x)
+    assert labels.tolist() == y
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        (b"\x80\x02Nr\x00\x00\x00\x10.", "memo entry 268435456"),  # 9 bytes that took 2.2 GB
+        (b"\x80\x02Np1000000000\n.", "memo entry 1000000000"),
+        (b"\x80\x02h\x05.", "memo entry 5, which it never stored"),
+    ],
+)
+def test_memo_indices_are_bounded(tmp_path, raw, needle):
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=needle) as ei:
+            load_cifar_batch(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(p) in str(ei.value)
+    assert peak < 16 << 20
+
+
+def test_memoised_data_is_not_copied_over_and_over(tmp_path):
+    """A string stored once and passed to _codecs.encode 400 times (or an array state BUILT 400 times)
+    would make 400 copies: the stand-ins' output is charged to a budget of a few times the file's size."""
+    big = b"a" * (64 << 10)
+    codecs = (b"\x80\x02c_codecs\nencode\nq\x00X" + struct.pack("<I", len(big)) + big
+              + b"q\x01X\x06\x00\x00\x00latin1q\x02](" + b"h\x00h\x01h\x02\x86R" * 400 + b"e.")
+    dtype = b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    arrays = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02U\x01bq\x03"
+              + b"(K\x01J" + struct.pack("<i", len(big)) + b"\x85" + dtype + b"\x89T" + struct.pack("<I", len(big))
+              + big + b"tq\x04](" + b"h\x00h\x01h\x02h\x03\x87Rh\x04b" * 400 + b"e.")
+    for i, raw in enumerate((codecs, arrays)):
+        p = tmp_path / f"data_batch_{i + 1}"
+        p.write_bytes(raw)
+        with pytest.raises(InputError, match="more data than the file holds") as ei:
+            load_cifar_batch(p)
+        assert str(p) in str(ei.value)
+
+
+def test_cycles_and_deep_nesting_refused(tmp_path):
+    raws = [b"\x80\x02]q\x00h\x00a.", b"\x80\x02" + b"]" * 1000 + b"a" * 999 + b".",
+            b"\x80\x02" + b"]" * 30 + b"a" * 29 + b"."]
+    for i, raw in enumerate(raws):
+        p = tmp_path / f"data_batch_{i + 1}"
+        p.write_bytes(raw)
+        with pytest.raises(InputError, match="too deeply"):
+            load_cifar_batch(p)
+
+
+def test_too_many_objects_refused(tmp_path, monkeypatch):
+    import puregen.data.cifar as cifar
+
+    monkeypatch.setattr(cifar, "MAX_NODES", 1000)
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({b"data": [[i] for i in range(2000)]}, protocol=2))
+    with pytest.raises(InputError, match="too many objects"):
+        load_cifar_batch(p)
+
+
+def test_empty_bytes_value_loads(tmp_path):
+    # Python 3 pickles b'' at protocol 2 as __builtin__.bytes(): it was refused as a forbidden global
+    x = _images(2)
+    obj = {b"batch_label": b"", b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(2, -1)),
+           b"labels": [0, 1], b"filenames": [b"", b"b.png"]}
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps(obj, protocol=2))
+    images, labels = load_cifar_batch(p)
+    np.testing.assert_array_equal(images, x)
+
+
+@pytest.mark.parametrize(
+    "obj, needle",
+    [
+        ({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, "images are empty (N=0"),
+        ({b"data": b"", b"labels": []}, "b'data' is empty"),
+        ({b"data": [], b"labels": []}, "b'data' is empty"),
+    ],
+)
+def test_empty_batches_say_so(tmp_path, obj, needle):
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(InputError) as ei:
+        read_dataset(p)
+    msg = str(ei.value)
+    assert str(p) in msg and needle in msg and "forbidden" not in msg
+
+
+def test_bytes_with_an_argument_refused(tmp_path):
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(b"\x80\x02c__builtin__\nbytes\n\x8a\x05\x00\x00\x00\x00\x02\x85R.")  # bytes(8 GiB)
+    with pytest.raises(InputError, match=r"bytes\(\) with 1 argument"):
+        load_cifar_batch(p)
+
+
+def test_fifo_batch_refused_without_blocking(tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    p = tmp_path / "data_batch_1"
+    os.mkfifo(p)
+
+    with _deadline(10, "the reader waits on the FIFO"):
+        with pytest.raises(InputError, match="FIFO") as ei:
+            read_dataset(p)
+    assert str(p) in str(ei.value)

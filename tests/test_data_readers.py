@@ -1,7 +1,13 @@
 """Readers, writers and format detection (puregen.data): round trips and bad files."""
 
 import gzip
+import io
 import os
+import signal
+import struct
+import time
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +398,166 @@ def test_dataset_source_names_file(tmp_path):
     assert isinstance(read_dataset(p), ImageDataset)
     _raises(p, lambda: read_dataset(p, num_classes=2), "out of range")
     _raises(p, lambda: read_dataset(p, split="train"), "split")
+
+
+# ------------------------------------------- bounded reading, special files, trailing bytes
+
+
+def _traced(fn):
+    """fn() must raise InputError; returns (message, peak traced bytes, seconds)."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(InputError) as ei:
+            fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(ei.value), peak, time.perf_counter() - started
+
+
+def _idx_header(dims) -> bytes:
+    return bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+
+
+def test_idx_gz_decompression_stops_after_the_declared_size(tmp_path):
+    # a small .gz holding a valid header and then far more zeros than it declares (multi-member:
+    # 256 MiB here, 2 GB in the report that took 4.3 GB and 36 s)
+    zeros = gzip.compress(bytes(32 << 20), compresslevel=9, mtime=0)
+    p = tmp_path / "x-images-idx3-ubyte.gz"
+    p.write_bytes(gzip.compress(_idx_header((4, 7, 5)) + bytes(140), mtime=0) + zeros * 8)
+    assert p.stat().st_size < 1 << 20
+    msg, peak, seconds = _traced(lambda: read_dataset(p))
+    assert str(p) in msg and "more than 1048576 unexpected trailing bytes" in msg, msg
+    assert peak < 16 << 20 and seconds < 5
+
+
+def test_idx_gz_header_checked_before_decompressing(tmp_path):
+    zeros = gzip.compress(bytes(32 << 20), compresslevel=9, mtime=0)
+    p = tmp_path / "x-images-idx3-ubyte.gz"
+    # declares 4 GiB; deflate cannot expand this file (~250 KB) to that
+    p.write_bytes(gzip.compress(_idx_header((4096, 1024, 1024)), mtime=0) + zeros * 8)
+    msg, peak, seconds = _traced(lambda: read_dataset(p))
+    assert str(p) in msg and "cannot hold" in msg, msg
+    assert peak < 4 << 20 and seconds < 2
+
+
+def test_declared_sizes_checked_against_the_limit(tmp_path, monkeypatch):
+    from puregen.data import validation
+
+    x = _images(n=4, c=1)
+    files = [
+        write_idx(tmp_path / "a-images-idx3-ubyte", x[..., 0]),
+        write_idx(tmp_path / "b-images-idx3-ubyte.gz", x[..., 0]),
+        write_dataset(tmp_path / "c.npz", x),
+        write_dataset(tmp_path / "d.npy", x),
+        write_cifar_batch(tmp_path / "data_batch_1", _images(n=4, h=32, w=32), [0, 1, 2, 3]),
+        write_image_folder(tmp_path / "f", _images(n=4, h=8, w=8)),
+    ]
+    for f in files:
+        read_dataset(f)
+    monkeypatch.setattr(validation, "MAX_INPUT_BYTES", 100)
+    for f in files:
+        _raises(f, lambda: read_dataset(f), "PUREGEN_MAX_INPUT_BYTES")
+    monkeypatch.setenv("PUREGEN_MAX_INPUT_BYTES", str(1 << 30))
+    for f in files:
+        read_dataset(f)
+    monkeypatch.setenv("PUREGEN_MAX_INPUT_BYTES", "lots")
+    with pytest.raises(InputError, match="PUREGEN_MAX_INPUT_BYTES"):
+        read_dataset(files[0])
+
+
+def _npy_with_header(header: str, data: bytes = b"") -> bytes:
+    h = header.encode("latin-1")
+    h += b" " * (63 - (10 + len(h)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + data
+
+
+@pytest.mark.parametrize("shape", [(10**6, 28, 28, 1), (2**20, 2**20, 2**20, 1)])
+def test_npy_and_npz_shapes_checked_before_reading(tmp_path, shape):
+    header = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
+    p = tmp_path / "d.npy"
+    p.write_bytes(_npy_with_header(header, b"\0" * 64))
+    q = tmp_path / "d.npz"
+    with zipfile.ZipFile(q, "w") as z:
+        z.writestr("x.npy", _npy_with_header(header, b"\0" * 64))
+    for f in (p, q):
+        msg, peak, _ = _traced(lambda: read_dataset(f))
+        assert str(f) in msg and ("truncated or corrupt" in msg or "PUREGEN_MAX_INPUT_BYTES" in msg), msg
+        assert peak < 4 << 20, peak
+
+
+def test_npy_header_length_checked_before_reading(tmp_path):
+    p = tmp_path / "d.npy"
+    p.write_bytes(b"\x93NUMPY\x02\x00\xff\xff\xff\xff" + b" " * 100)
+    msg, peak, _ = _traced(lambda: read_dataset(p))
+    assert str(p) in msg and "header of 4294967295 bytes" in msg
+    assert peak < 4 << 20
+
+
+def test_npy_trailing_bytes(tmp_path):
+    # silently accepted before: np.load stops reading where the array ends
+    p = write_dataset(tmp_path / "d.npy", _images())
+    p.write_bytes(p.read_bytes() + b"\0" * 5)
+    _raises(p, lambda: read_dataset(p), "5 unexpected trailing bytes")
+    q = tmp_path / "d.npz"
+    buf = io.BytesIO()
+    np.save(buf, _images())
+    with zipfile.ZipFile(q, "w") as z:
+        z.writestr("x.npy", buf.getvalue() + b"\0" * 3)
+    _raises(q, lambda: read_dataset(q), "3 unexpected trailing bytes", "'x.npy'")
+
+
+def test_npy_fortran_order_and_big_endian_labels_still_read(tmp_path):
+    x = np.asfortranarray(_images())
+    p = tmp_path / "f.npy"
+    np.save(p, x)
+    np.testing.assert_array_equal(read_dataset(p).images, x)
+    q = tmp_path / "b.npz"
+    np.savez_compressed(q, x=_images(), y=_labels().astype(">i4"))
+    ds = read_dataset(q)
+    np.testing.assert_array_equal(ds.labels, _labels())
+
+
+def test_idx_labels_path_that_is_not_a_file_is_an_error(tmp_path):
+    ip, lp = write_idx_dataset(tmp_path / "a-images-idx3-ubyte", _images(n=5, c=1), _labels(5, 2))
+    lp.unlink()
+    lp.mkdir()  # the labels were dropped without a word
+    _raises(lp, lambda: read_dataset(ip), "is a directory", "labels")
+    if hasattr(os, "mkfifo"):
+        lp.rmdir()
+        os.mkfifo(lp)
+        _raises(lp, lambda: read_dataset(ip), "not a regular file")
+
+
+@pytest.fixture
+def hang_guard():
+    def fire(signum, frame):
+        raise TimeoutError("the reader blocked")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifos_are_refused_not_waited_on(tmp_path, hang_guard):
+    root = write_image_folder(tmp_path / "f", _images(n=4), _labels(n=4, k=2))
+    fifo = root / "1" / "zz.png"
+    os.mkfifo(fifo)
+    _raises(fifo, lambda: read_dataset(root), "FIFO")
+    loose = write_image_folder(tmp_path / "g", _images(n=2))
+    os.mkfifo(loose / "zz.png")
+    _raises(loose / "zz.png", lambda: read_dataset(loose), "FIFO")
+    for name in ("d.npz", "d.npy", "t-images-idx3-ubyte", "t-images-idx3-ubyte.gz", "test_batch"):
+        p = tmp_path / name
+        os.mkfifo(p)
+        _raises(p, lambda: read_dataset(p), "FIFO")
+
+
+def test_folder_broken_symlink_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "f", _images(n=2))
+    (root / "zz.png").symlink_to(tmp_path / "gone.png")
+    _raises(root / "zz.png", lambda: read_dataset(root), "no such file")

@@ -15,7 +15,10 @@ Loading uses :class:`RestrictedUnpickler` (``encoding='bytes'``) whose
   the second what numpy >= 2 writes),
 * ``numpy.ndarray`` and ``numpy.dtype``,
 * ``_codecs.encode`` -- what Python 3 writes for ``bytes`` objects at
-  protocol 2; only ``str.encode('latin-1')`` is performed.
+  protocol 2; only ``str.encode('latin-1')`` is performed,
+* ``__builtin__.bytes`` / ``builtins.bytes`` -- what Python 3 writes for an
+  *empty* ``bytes`` object at protocol 2 (also the payload of a zero-image
+  array); only ``bytes()`` with no argument is performed.
 
 Any other global (``os.system``, ``builtins.eval``,
 ``numpy.core.multiarray.scalar``, protocol-5 ``numpy._core.numeric._frombuffer``
@@ -34,6 +37,19 @@ replaced by the real arrays after loading.  Before unpickling, the opcodes
 are walked with :mod:`pickletools` (nothing executed): forged length fields
 fail there instead of making the unpickler allocate huge buffers, and the
 opcodes for out-of-band buffers / bytearrays / persistent ids are refused.
+
+Bounds (a small file must not take long or much memory):
+
+* the file's size is checked against the input limit before it is read;
+* memo indices are bounded (by :data:`MAX_MEMO_ENTRIES` and by the number of
+  opcodes before them), so ``LONG_BINPUT 0x7fffffff`` cannot make the
+  unpickler allocate a memo table of gigabytes;
+* bytes built by the stand-ins (``_codecs.encode`` results, array copies)
+  are charged to a budget proportional to the file's size, so memoised data
+  referenced many times cannot be copied many times;
+* swapping the stand-ins for arrays visits every shared object once
+  (memoised by ``id``) and refuses structures deeper than 20 levels or with
+  more than :data:`MAX_NODES` containers and items.
 
 A directory is read as follows (``split`` picks the part):
 
@@ -166,6 +182,16 @@ def _reconstruct_stub(cls: Any = None, shape: Any = None, typecode: Any = None) 
     return _ArrayStub()
 
 
+def _bytes_stub(*args: Any) -> bytes:
+    """``bytes()``: Python 3's protocol-2 pickle of ``b''`` (an empty value, or a zero-image array's data)."""
+    if args:
+        raise _Refused(
+            f"pickle calls bytes() with {len(args)} argument(s); only bytes() with none (an empty bytes "
+            f"value) is allowed"
+        )
+    return b""
+
+
 def _codecs_encode_stub(obj: Any = None, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
     if (
         not isinstance(obj, str)
@@ -186,7 +212,49 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _DTypeStub,
     ("_codecs", "encode"): _codecs_encode_stub,
+    ("__builtin__", "bytes"): _bytes_stub,
+    ("builtins", "bytes"): _bytes_stub,
 }
+
+#: The most memo entries a batch pickle may use (a CIFAR-100 train batch memoises ~50,000 names).
+MAX_MEMO_ENTRIES = 1 << 20
+#: The most containers and items :func:`_materialize` visits (each shared object once).
+MAX_NODES = 1 << 22
+_MAX_DEPTH = 20
+
+
+class _Budget:
+    """Bytes the stand-ins may build while one file is unpickled (a multiple of the file's size)."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def charge(self, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise _Refused(
+                "pickle builds more data than the file holds (the same data referenced over and over); "
+                "not a CIFAR batch"
+            )
+
+
+def _charged(fn: Any, budget: _Budget) -> Any:
+    def call(*args: Any) -> Any:
+        out = fn(*args)
+        budget.charge(len(out))
+        return out
+
+    return call
+
+
+class _ChargedArrayStub(_ArrayStub):
+    def __init__(self, budget: _Budget) -> None:
+        super().__init__()
+        self._budget = budget
+
+    def __setstate__(self, state: Any) -> None:
+        super().__setstate__(state)
+        self._budget.charge(self.array.nbytes)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -197,9 +265,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     real arrays and turns every failure into an ``InputError``.
     """
 
-    def __init__(self, file, *, source: str, **kwargs):
+    def __init__(self, file, *, source: str, budget: int | None = None, **kwargs):
         super().__init__(file, **kwargs)
         self._source = source
+        self._budget = _Budget(budget) if budget is not None else None
 
     def find_class(self, module: str, name: str) -> Any:
         obj = ALLOWED_GLOBALS.get((module, name))
@@ -208,55 +277,127 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"{self._source}: pickle references a forbidden global '{module}.{name}'; "
                 f"CIFAR batches may only contain numpy arrays, lists, ints and bytes"
             )
+        if self._budget is not None:
+            if obj is _codecs_encode_stub:
+                return _charged(obj, self._budget)
+            if obj is _reconstruct_stub:
+                budget = self._budget
+
+                def reconstruct(*args: Any) -> _ArrayStub:
+                    _reconstruct_stub(*args)  # the checks
+                    return _ChargedArrayStub(budget)
+
+                return reconstruct
         return obj
 
 
-def _materialize(obj: Any, depth: int = 0) -> Any:
-    """Replace array stand-ins by their arrays inside dicts / lists / tuples."""
-    if depth > 20:
-        raise _Refused("pickle nests containers too deeply for a CIFAR batch")
-    if isinstance(obj, _ArrayStub):
-        if obj.array is None:
-            raise _Refused("pickle holds an array that was never filled in")
-        return obj.array
-    if isinstance(obj, (_DTypeStub, _NdarrayToken)):
-        raise _Refused("pickle holds a bare numpy type object")
-    if isinstance(obj, dict):
-        return {k: _materialize(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, list):
-        if all(type(v) in (int, bytes, str) for v in obj):  # fast path: labels, filenames
+class _Materializer:
+    """Replaces array stand-ins by their arrays inside dicts / lists / tuples.
+
+    Every container is visited once (results memoised by ``id``: a pickle's
+    shared references make a DAG whose tree unfolding can be exponential in
+    the file's size), at most ``_MAX_DEPTH`` levels deep and at most
+    ``max_nodes`` containers and items in all.
+    """
+
+    def __init__(self, max_nodes: int | None = None):
+        self.done: dict[int, Any] = {}
+        self.keep: list[Any] = []  # keeps visited objects alive, so their ids stay unique
+        self.left = MAX_NODES if max_nodes is None else max_nodes
+
+    def _count(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _Refused("pickle holds too many objects for a CIFAR batch")
+
+    def __call__(self, obj: Any, depth: int = 0) -> Any:
+        if isinstance(obj, (int, float, bytes, str, bool)) or obj is None:
             return obj
-        return [_materialize(v, depth + 1) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialize(v, depth + 1) for v in obj)
-    return obj
+        key = id(obj)
+        if key in self.done:
+            return self.done[key]
+        if depth > _MAX_DEPTH:
+            raise _Refused("pickle nests containers too deeply for a CIFAR batch")
+        self._count(1)
+        if isinstance(obj, _ArrayStub):
+            if obj.array is None:
+                raise _Refused("pickle holds an array that was never filled in")
+            out = obj.array
+        elif isinstance(obj, (_DTypeStub, _NdarrayToken)):
+            raise _Refused("pickle holds a bare numpy type object")
+        elif isinstance(obj, dict):
+            self._count(len(obj))
+            out = {k: self(v, depth + 1) for k, v in obj.items()}
+        elif isinstance(obj, list):
+            self._count(len(obj))
+            if all(type(v) in (int, bytes, str) for v in obj):  # fast path: labels, filenames
+                out = obj
+            else:
+                out = [self(v, depth + 1) for v in obj]
+        elif isinstance(obj, tuple):
+            self._count(len(obj))
+            out = tuple(self(v, depth + 1) for v in obj)
+        else:
+            out = obj
+        self.done[key] = out
+        self.keep.append(obj)
+        return out
+
+
+def _materialize(obj: Any, max_nodes: int | None = None) -> Any:
+    """Replace array stand-ins by their arrays (see :class:`_Materializer`)."""
+    return _Materializer(max_nodes)(obj)
 
 
 # Opcodes a CIFAR batch never needs: out-of-band buffers, bytearrays, persistent ids.
 _REFUSED_OPCODES = frozenset({"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER", "PERSID", "BINPERSID"})
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 
 
 def _prescan(data: bytes) -> None:
     """Walk the opcodes without executing them (pickletools): every length field is checked
-    against the bytes actually present before the real unpickler allocates anything."""
-    for op, _arg, _pos in pickletools.genops(data):
-        if op.name in _REFUSED_OPCODES:
-            raise _Refused(f"pickle uses opcode {op.name}, which CIFAR batches never contain")
+    against the bytes actually present before the real unpickler allocates anything, and memo
+    indices are bounded (the C unpickler sizes its memo table by the largest index it is given)."""
+    if not data:
+        raise _Refused("empty file")
+    puts = 0  # memo entries stored so far
+    stored: set[int] = set()
+    for count, (op, arg, _pos) in enumerate(pickletools.genops(data)):
+        name = op.name
+        if name in _REFUSED_OPCODES:
+            raise _Refused(f"pickle uses opcode {name}, which CIFAR batches never contain")
+        if name in _MEMO_PUTS or name == "MEMOIZE":
+            index = puts if name == "MEMOIZE" else arg
+            if not isinstance(index, int) or index < 0 or index > count or index >= MAX_MEMO_ENTRIES:
+                raise _Refused(
+                    f"pickle stores memo entry {index!r} (after {count} opcodes; at most "
+                    f"{MAX_MEMO_ENTRIES} entries are allowed): a forged pickle, not a CIFAR batch"
+                )
+            puts += 1
+            if puts > MAX_MEMO_ENTRIES:
+                raise _Refused(f"pickle uses more than {MAX_MEMO_ENTRIES} memo entries; not a CIFAR batch")
+            stored.add(index)
+        elif name in _MEMO_GETS and arg not in stored:
+            raise _Refused(f"pickle reads memo entry {arg!r}, which it never stored: a corrupt or forged pickle")
 
 
 def restricted_load(path: str | os.PathLike) -> Any:
     """Unpickle ``path`` with :class:`RestrictedUnpickler`; every failure is an ``InputError``.
 
-    The file is read into memory and pre-scanned opcode by opcode (nothing
-    executed) so that a forged length cannot make the unpickler allocate
-    more than the file holds.
+    The file is read into memory (its size checked against the input limit
+    first) and pre-scanned opcode by opcode (nothing executed) so that a
+    forged length or memo index cannot make the unpickler allocate more than
+    the file holds; see the module docs for the other bounds.
     """
     path = Path(path)
     src = str(path)
     data = read_file_bytes(path, "a CIFAR batch file")
     try:
         _prescan(data)
-        obj = RestrictedUnpickler(io.BytesIO(data), source=src, encoding="bytes").load()
+        # Bytes the stand-ins build: the latin-1 payload and its array copy, each at most the file's size.
+        budget = 3 * len(data) + (1 << 16)
+        obj = RestrictedUnpickler(io.BytesIO(data), source=src, encoding="bytes", budget=budget).load()
         return _materialize(obj)
     except InputError:
         raise
@@ -288,6 +429,8 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
     if data is None:
         keys = ", ".join(repr(k) for k in obj)
         raise InputError(f"{src}: CIFAR batch has no b'data' entry (keys: {keys})")
+    if isinstance(data, (bytes, str, list, tuple, dict)) and len(data) == 0:
+        raise InputError(f"{src}: CIFAR b'data' is empty (an empty {type(data).__name__}: no images)")
     if not isinstance(data, np.ndarray):
         raise InputError(f"{src}: CIFAR b'data' is a {type(data).__name__}, expected a uint8 array")
     if data.dtype != np.uint8:

@@ -44,7 +44,13 @@ from PIL import Image
 
 from puregen.data.atomic import atomic_directory
 from puregen.data.dataset import ImageDataset
-from puregen.data.validation import check_regular_file, validate_images_uint8, validate_labels, validate_num_classes
+from puregen.data.validation import (
+    check_declared_bytes,
+    check_regular_file,
+    validate_images_uint8,
+    validate_labels,
+    validate_num_classes,
+)
 from puregen.errors import InputError
 
 __all__ = [
@@ -146,6 +152,7 @@ def read_image_folder(root: str | os.PathLike, *, num_classes: int | None = None
             )
     first_path = items[0][0]
     first = _load_image(first_path)
+    check_declared_bytes(len(items) * first.size, src, f"{len(items)} images of shape {first.shape}")
     images = np.empty((len(items),) + first.shape[:2] + ((first.shape[2],) if first.ndim == 3 else (1,)), np.uint8)
     mode_of = {2: "L", 3: "RGB"}
     for i, (path, _) in enumerate(items):

@@ -8,10 +8,18 @@ dimensions exactly (a truncated file, or trailing bytes, is an error).
 Compression is detected from the content (gzip magic ``1f 8b``), not the
 name.
 
+Reading is bounded by the header: the declared dimensions are checked
+against the input limit (:func:`puregen.data.validation.max_input_bytes`)
+and against what the file can hold (its size; for gzip, its size times
+deflate's largest expansion ratio) before the payload is read; the payload is
+then read (decompressed) in bounded pieces into an array of the declared
+size, and reading stops as soon as a byte more than declared arrives.
+
 The labels of an images file are looked up beside it: the file name with
 ``images-idx3`` replaced by ``labels-idx1`` (or ``images.idx3`` by
 ``labels.idx1``), trying the same compression first and then the other one
-(``.gz`` added or removed).  No such file -> labels are ``None``.
+(``.gz`` added or removed).  No such file -> labels are ``None``; a
+directory or other non-regular file under that name is an error.
 
 A directory holding ``train-images-idx3-ubyte[.gz]`` and/or
 ``t10k-images-idx3-ubyte[.gz]`` can be read with ``split='train'|'test'``
@@ -32,7 +40,13 @@ import numpy as np
 
 from puregen.data.atomic import atomic_write_file
 from puregen.data.dataset import ImageDataset
-from puregen.data.validation import read_file_bytes, validate_images_uint8, validate_labels
+from puregen.data.validation import (
+    check_declared_bytes,
+    open_regular_file,
+    read_upto,
+    validate_images_uint8,
+    validate_labels,
+)
 from puregen.errors import InputError
 
 __all__ = [
@@ -59,32 +73,33 @@ _TYPE_NAMES = {
 _NAME_PAIRS = (("images-idx3", "labels-idx1"), ("images.idx3", "labels.idx1"))
 
 
-def _read_bytes(path: Path) -> bytes:
-    src = str(path)
-    raw = read_file_bytes(path, "an IDX file")
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as e:
-            raise InputError(f"{src}: truncated or corrupt gzip data ({e})") from None
-    return raw
+# Deflate expands at most ~1032:1; anything a gzip file of n bytes decompresses to is below this.
+_GZIP_MAX_RATIO = 1032
+_CHUNK = 1 << 20  # bytes decompressed per read
+_TRAILING_SHOWN = 1 << 20  # trailing bytes counted (gzip) before the message says "more than"
 
 
-def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
-    """Read an unsigned-byte IDX file into a uint8 array of its dimensions.
+def _read_payload(stream, out: np.ndarray) -> int:
+    """Fill ``out`` (1-D uint8) from ``stream`` in bounded pieces; returns how many bytes arrived."""
+    view = memoryview(out)
+    got = 0
+    while got < len(out):
+        n = stream.readinto(view[got : got + _CHUNK])
+        if not n:
+            break
+        got += n
+    return got
 
-    ``ndim`` (if given) is the number of dimensions the file must have.
-    """
-    path = Path(path)
-    src = str(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise InputError(f"{src}: truncated IDX file ({len(data)} bytes, no complete header)")
-    magic = int.from_bytes(data[:4], "big")
-    if data[0] != 0 or data[1] != 0 or data[3] == 0:
+
+def _read_idx_stream(stream, src: str, ndim: int | None, file_size: int, compressed: bool) -> np.ndarray:
+    head = read_upto(stream, 4)
+    if len(head) < 4:
+        raise InputError(f"{src}: truncated IDX file ({len(head)} bytes, no complete header)")
+    magic = int.from_bytes(head, "big")
+    if head[0] != 0 or head[1] != 0 or head[3] == 0:
         want = f" (expected 0x0000080{ndim})" if ndim else ""
         raise InputError(f"{src}: bad IDX magic number 0x{magic:08x}{want}; not an IDX file")
-    code, nd = data[2], data[3]
+    code, nd = head[2], head[3]
     if code != _UBYTE:
         kind = _TYPE_NAMES.get(code, "unknown")
         raise InputError(
@@ -96,21 +111,65 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
             f"(magic 0x0000080{ndim})"
         )
     header = 4 + 4 * nd
-    if len(data) < header:
-        raise InputError(f"{src}: truncated IDX header ({len(data)} bytes, need {header})")
-    dims = struct.unpack(f">{nd}I", data[4:header])
+    raw_dims = read_upto(stream, 4 * nd)
+    if len(raw_dims) < 4 * nd:
+        raise InputError(f"{src}: truncated IDX header ({4 + len(raw_dims)} bytes, need {header})")
+    dims = struct.unpack(f">{nd}I", raw_dims)
     expected = math.prod(dims)
-    got = len(data) - header
+    # What the header declares, checked before a byte of the payload is read.
+    check_declared_bytes(expected, src, f"IDX dimensions {dims}")
+    if compressed:
+        capacity = file_size * _GZIP_MAX_RATIO
+        if header + expected > capacity:
+            raise InputError(
+                f"{src}: truncated or forged IDX file: dimensions {dims} declare {expected} bytes, but a "
+                f"gzip file of {file_size} bytes cannot hold more than {capacity}"
+            )
+    else:
+        got = file_size - header
+        if got < expected:
+            raise InputError(
+                f"{src}: truncated IDX file: payload has {got} bytes, dimensions {dims} need {expected}"
+            )
+        if got > expected:
+            raise InputError(
+                f"{src}: IDX payload has {got - expected} unexpected trailing bytes "
+                f"(dimensions {dims} need {expected})"
+            )
+    out = np.empty(expected, dtype=np.uint8)
+    got = _read_payload(stream, out)
     if got < expected:
         raise InputError(
             f"{src}: truncated IDX file: payload has {got} bytes, dimensions {dims} need {expected}"
         )
-    if got > expected:
+    extra = len(read_upto(stream, _TRAILING_SHOWN + 1)) if compressed else len(stream.read(1))
+    if extra:
+        count = f"more than {_TRAILING_SHOWN}" if extra > _TRAILING_SHOWN else str(extra)
         raise InputError(
-            f"{src}: IDX payload has {got - expected} unexpected trailing bytes "
-            f"(dimensions {dims} need {expected})"
+            f"{src}: IDX payload has {count} unexpected trailing bytes (dimensions {dims} need {expected})"
         )
-    return np.frombuffer(data, dtype=np.uint8, count=expected, offset=header).reshape(dims).copy()
+    return out.reshape(dims)
+
+
+def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
+    """Read an unsigned-byte IDX file into a uint8 array of its dimensions.
+
+    ``ndim`` (if given) is the number of dimensions the file must have.  The
+    header is checked before the payload is read (see the module docs).
+    """
+    path = Path(path)
+    src = str(path)
+    with open_regular_file(path, "an IDX file") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        compressed = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if not compressed:
+            return _read_idx_stream(f, src, ndim, file_size, False)
+        try:
+            with gzip.GzipFile(fileobj=f, mode="rb") as g:
+                return _read_idx_stream(g, src, ndim, file_size, True)
+        except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise InputError(f"{src}: truncated or corrupt gzip data ({e})") from None
 
 
 def labels_name_for(images_name: str) -> str | None:
@@ -132,11 +191,16 @@ def find_idx_labels(images_path: str | os.PathLike) -> Path | None:
     if name is None:
         return None
     alt = name[:-3] if name.endswith(".gz") else name + ".gz"
+    found = None
     for cand in (name, alt):
         p = images_path.with_name(cand)
         if p.is_file():
-            return p
-    return None
+            found = found or p
+        elif p.exists() or p.is_symlink():
+            # Skipping it would drop the labels without a word.
+            what = "a directory" if p.is_dir() else "not a regular file"
+            raise InputError(f"{p}: is {what}, expected the IDX labels file of {images_path.name}")
+    return found
 
 
 def read_idx_dataset(

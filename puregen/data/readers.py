@@ -29,6 +29,7 @@ from pathlib import Path
 
 from puregen.data import cifar, folder, idx, npz_io
 from puregen.data.dataset import ImageDataset
+from puregen.data.validation import open_regular_file
 from puregen.errors import InputError
 
 __all__ = ["FORMATS", "detect_format", "read_dataset"]
@@ -37,8 +38,9 @@ FORMATS = ("npz", "npy", "idx", "cifar", "folder")
 
 
 def _sniff(path: Path) -> bytes:
+    # Opened non-blocking and checked to be a regular file first: a FIFO would hang a plain open().
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path, "a dataset file") as f:
             head = f.read(16)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -57,6 +59,8 @@ def detect_format(path: str | os.PathLike) -> str:
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     if p.is_dir():
+        if p.suffix.lower() in (".npz", ".npy"):
+            raise InputError(f"{p}: is a directory, expected a {p.suffix.lower()} file")
         if cifar.is_cifar_dir(p):
             return "cifar"
         if idx.idx_images_in_dir(p):

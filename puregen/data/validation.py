@@ -19,6 +19,8 @@ Conventions checked here:
 from __future__ import annotations
 
 import operator
+import os
+import stat
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,12 @@ __all__ = [
     "validate_float_images",
     "validate_labels",
     "validate_num_classes",
+    "MAX_INPUT_BYTES",
+    "max_input_bytes",
+    "check_declared_bytes",
+    "check_regular_file",
+    "open_regular_file",
+    "read_file_bytes",
 ]
 
 
@@ -213,18 +221,135 @@ def validate_labels(
     return np.ascontiguousarray(labels, dtype=np.int64)
 
 
-def read_file_bytes(path, expected: str) -> bytes:
-    """The whole file at `path`; a missing, unreadable or directory path is an InputError.
+#: The most bytes one array read from a file may hold (images, labels, a CIFAR batch file).  Every
+#: reader checks the sizes a file declares against this (and against what the file can hold)
+#: before it allocates anything.  Tests lower it; ``PUREGEN_MAX_INPUT_BYTES`` overrides it.
+MAX_INPUT_BYTES = 8 << 30
 
-    `expected` names what the file should be (e.g. "an IDX file"), for the message.
+
+def max_input_bytes() -> int:
+    """The limit in force: ``$PUREGEN_MAX_INPUT_BYTES`` if set (a positive integer), else MAX_INPUT_BYTES."""
+    env = os.environ.get("PUREGEN_MAX_INPUT_BYTES")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise InputError(f"PUREGEN_MAX_INPUT_BYTES must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise InputError(f"PUREGEN_MAX_INPUT_BYTES must be a positive integer, got {env!r}")
+        return value
+    return MAX_INPUT_BYTES
+
+
+def check_declared_bytes(nbytes: int, source: str, what: str) -> int:
+    """Refuse a declared size beyond :func:`max_input_bytes` (before anything is allocated)."""
+    limit = max_input_bytes()
+    if nbytes > limit:
+        raise InputError(
+            f"{source}: {what} would take {nbytes} bytes, more than the {limit} bytes puregen reads from "
+            f"one file (set PUREGEN_MAX_INPUT_BYTES to raise the limit); a forged or corrupt header?"
+        )
+    return nbytes
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _not_regular(src: str, mode: int, expected: str) -> InputError:
+    kind = _kind_of(mode)
+    if kind == "a directory":
+        return InputError(f"{src}: is a directory, expected {expected}")
+    return InputError(f"{src}: is {kind}, not a regular file; expected {expected}")
+
+
+def _os_error(src: str, e: OSError, expected: str) -> InputError:
+    if isinstance(e, FileNotFoundError):
+        return InputError(f"{src}: no such file (or a broken symbolic link)")
+    if isinstance(e, IsADirectoryError):
+        return InputError(f"{src}: is a directory, expected {expected}")
+    if isinstance(e, PermissionError):
+        return InputError(f"{src}: permission denied")
+    return InputError(f"{src}: cannot open: {e.strerror or e}")
+
+
+def check_regular_file(path, expected: str) -> None:
+    """``path`` must be (or link to) a regular file; FIFOs, devices, sockets, directories are refused.
+
+    Never opens the file, so a FIFO cannot block.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise _os_error(str(path), e, expected) from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(str(path), mode, expected)
+
+
+def open_regular_file(path, expected: str):
+    """Open ``path`` for binary reading, refusing anything but a regular file.
+
+    The file is opened non-blocking and checked with ``fstat`` before a byte
+    is read, so a FIFO (or device) under a file's name raises ``InputError``
+    instead of hanging.  A missing, unreadable or directory path is an
+    ``InputError`` too.  Returns a binary file object (close it).
     """
     src = str(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise InputError(f"{src}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{src}: is a directory, expected {expected}") from None
-    except PermissionError:
-        raise InputError(f"{src}: permission denied") from None
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise _os_error(src, e, expected) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(src, mode, expected)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_file_bytes(path, expected: str, max_bytes: int | None = None) -> bytes:
+    """The whole file at `path`; a missing, unreadable, directory or non-regular path is an InputError.
+
+    `expected` names what the file should be (e.g. "an IDX file"), for the message.  The file's
+    size is checked against `max_bytes` (default :func:`max_input_bytes`) before it is read.
+    """
+    src = str(path)
+    limit = max_input_bytes() if max_bytes is None else max_bytes
+    with open_regular_file(path, expected) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise InputError(
+                f"{src}: is {size} bytes, more than the {limit} bytes puregen reads as {expected} "
+                f"(set PUREGEN_MAX_INPUT_BYTES to raise the limit)"
+            )
+        try:
+            # read(n) allocates n bytes up front: ask for what fstat said (plus one, to see growth)
+            data = f.read(size + 1)
+        except OSError as e:
+            raise InputError(f"{src}: cannot read: {e.strerror or e}") from None
+    if len(data) > size:  # grew while being read
+        raise InputError(f"{src}: changed size while being read")
+    return data
+
+
+def read_upto(stream, n: int) -> bytes:
+    """Up to ``n`` bytes of ``stream`` (fewer only at its end), read in the pieces it gives."""
+    parts, left = [], n
+    while left > 0:
+        block = stream.read(left)
+        if not block:
+            break
+        parts.append(block)
+        left -= len(block)
+    return b"".join(parts)
