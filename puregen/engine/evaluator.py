@@ -12,12 +12,44 @@ get a slightly different gradient in a batch of 1 than in a batch of 64. To
 make a sample's result independent of how a job is cut, every network call
 runs on micro-batches of ONE fixed shape; the last one is padded with copies
 of its final row and the padding is dropped.
+
+They also choose by the input's strides, and for a one-channel batch the
+strides are not a function of its bytes: (N, 1, H, W) with strides
+(HW, HW, W, 1) or (HW, 1, W, 1) is the same memory, and PyTorch calls both
+contiguous, but oneDNN runs the first on its NCHW kernels and the second on
+its NHWC (brgemm) ones, whose gradients differ in the last bits (measured on
+the shipped EBM: every row, ~5e-7 relative, at AVX2 and AVX-512 alike; 60
+Langevin steps grow that into whole grey levels). Which strides a batch had
+depended on where it came from (a numpy NHWC image gives the second, a torch
+round trip the first, the padded last micro-batch the first again), so bytes
+depended on the entry point and the batch size. So every micro-batch is
+copied into a fresh buffer whose shape, strides and alignment are fixed by
+the evaluator alone (`Evaluator.input_memory_format`), whatever the strides,
+storage offset or batch the caller's tensor had.
+
+And a sample's row of a matrix product must not depend on where in the
+micro-batch it sits: MKL's SGEMM on its AVX2 code path (AVX2-only CPUs)
+computes the last rows of a matrix with other kernels than the rest, so the
+UNet's Linear layers (time embedding and projections, attention q/k/v/out on
+the micro-batch's tokens) gave a sample other bits in slot 6 than in slot 1
+(AVX-512's code path did not). MKL's strict reproducible mode, set below
+before torch's first matrix product, fixes each element's summation order.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Callable
+
+# MKL reads MKL_CBWR once, at its first computation, so this must run before any matrix product in the
+# process (the CLI and `puregen.load_purifier` import this module first). "AUTO" keeps the CPU's own
+# code path; "STRICT" makes ?gemm bitwise reproducible whatever the thread split (MKL's documented
+# guarantee), which also makes a row's result independent of its position. Measured: the shipped UNet's
+# evaluation is as fast (89 ms per micro-batch either way, one thread). `gemm_rows_position_invariant`
+# checks that it took effect.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +64,71 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEFAULT_MICRO_BATCH = 16
 
 
-def run_microbatched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, micro_batch: int) -> torch.Tensor:
-    """Apply `fn` to fixed-shape slices of `x` along the batch axis and concatenate."""
-    outs = []
-    for start in range(0, x.shape[0], micro_batch):
+def run_microbatched(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    micro_batch: int,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """Apply `fn` to fixed-shape micro-batches of `x` along the batch axis; the results, concatenated.
+
+    Each micro-batch is a fresh ``(micro_batch, *x.shape[1:])`` buffer with the strides of
+    `memory_format` (the last one padded with copies of its final row), so what `fn` sees
+    depends on the rows' values only, never on `x`'s strides, storage offset or length. The
+    result is a new contiguous tensor.
+    """
+    n_total = x.shape[0]
+    out = None
+    for start in range(0, n_total, micro_batch):
         part = x[start : start + micro_batch]
         n = part.shape[0]
+        buf = torch.empty((micro_batch, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=memory_format)
+        buf[:n].copy_(part)
         if n < micro_batch:
-            pad = part[-1:].expand(micro_batch - n, *part.shape[1:])
-            part = torch.cat([part, pad], dim=0)
-        outs.append(fn(part.contiguous())[:n])
-    return torch.cat(outs, dim=0)
+            buf[n:].copy_(part[-1:].expand(micro_batch - n, *part.shape[1:]))
+        res = fn(buf)[:n]
+        if out is None:
+            out = torch.empty((n_total, *res.shape[1:]), dtype=res.dtype, device=res.device)
+        out[start : start + n].copy_(res)
+    if out is None:  # an empty batch: the output's trailing shape needs one evaluation
+        return fn(torch.empty((micro_batch, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                              memory_format=memory_format).zero_())[:0].contiguous()
+    return out
+
+
+def memory_format_for(shape, channels_last: bool) -> torch.memory_format:
+    """The one layout the networks get for batches of `shape` (N, C, H, W).
+
+    `channels_last` selects NHWC. A one-channel batch always gets channels-last
+    strides: its bytes are the same in both layouts, the strides only pick
+    oneDNN's kernels, and the NHWC ones are the faster (shipped EBM's input
+    gradient, fp32, one thread: 13 ms against 18 ms per micro-batch of 16 with
+    AVX-512, 15.5 against 22 with AVX2).
+    """
+    if len(shape) == 4 and (channels_last or shape[1] == 1):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _strides(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides `torch.empty(shape, memory_format=fmt)` has (NCHW or, for 4-D channels_last, NHWC)."""
+    if fmt == torch.channels_last and len(shape) == 4:
+        n, c, h, w = shape
+        return (h * w * c, 1, w * c, c)
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+@functools.cache
+def gemm_rows_position_invariant() -> bool:
+    """Whether a CPU fp32 matrix product gives a row the same bits wherever in the matrix it sits."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 256, generator=g), torch.randn(24, 256, generator=g)
+    ref = F.linear(x[:16], w)
+    return all(torch.equal(F.linear(x[s : s + 16].clone(), w)[: 16 - s], ref[s:]) for s in range(1, 8))
 
 
 def check_backend(backend: str, precision: str, device: torch.device | str = "cpu") -> str:
@@ -92,14 +178,21 @@ class Evaluator:
             raise RuntimeError(f"this purifier has no {what} model")
         return model
 
+    def input_memory_format(self, shape) -> torch.memory_format:
+        """The layout of the micro-batches this backend's networks get (a function of the shape only)."""
+        return torch.contiguous_format
+
+    def _microbatched(self, fn, x: torch.Tensor) -> torch.Tensor:
+        return run_microbatched(fn, x, self.micro_batch, self.input_memory_format(x.shape))
+
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         self._need(self.ebm, "EBM")
-        return run_microbatched(self._energy_fn, x, self.micro_batch)
+        return self._microbatched(self._energy_fn, x)
 
     def energy_grad(self, x: torch.Tensor) -> torch.Tensor:
         """grad_x G(x), without the 1/temp factor (the update applies it in fp32)."""
         self._need(self.ebm, "EBM")
-        return run_microbatched(self._grad_fn, x, self.micro_batch)
+        return self._microbatched(self._grad_fn, x)
 
     def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The UNet's noise prediction at timestep t, reflect-padding sides the UNet cannot take."""
@@ -113,7 +206,7 @@ class Evaluator:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect")
         # The timestep is a tensor input, so one compiled graph serves every t.
         timesteps = torch.full((self.micro_batch,), t, dtype=torch.int64, device=x.device)
-        out = run_microbatched(lambda b: self._eps_fn(b, timesteps), x, self.micro_batch)
+        out = self._microbatched(lambda b: self._eps_fn(b, timesteps), x)
         return out[..., :h, :w]
 
     def describe(self) -> dict:
@@ -134,7 +227,8 @@ class Evaluator:
 class TorchEvaluator(Evaluator):
     """The `torch` and `compiled` backends.
 
-    Defaults are the oracle: fp32, eager, contiguous NCHW. `precision`
+    Defaults are the oracle: fp32, eager, contiguous NCHW (a one-channel batch, whose NCHW and NHWC
+    bytes are the same, with channels-last strides; see `memory_format_for`). `precision`
     (fp32/bf16/fp16/auto), `channels_last` and `compile` select the fast
     paths; each returns fp32 tensors in NCHW order. Parameter gradients are
     never computed: the models' parameters are frozen and only the input
@@ -159,6 +253,16 @@ class TorchEvaluator(Evaluator):
         self.backend = "compiled" if compile else "torch"
         self.ebm = self._prepare(ebm)
         self.unet = self._prepare(unet)
+        if self.device.type == "cpu" and not gemm_rows_position_invariant():
+            warnings.warn(
+                "this process's CPU matrix products give a row other bits at other positions (MKL initialised "
+                f"before puregen could select its strict mode, or MKL_CBWR={os.environ.get('MKL_CBWR')!r}): "
+                "networks with Linear layers (the DDPM UNet) may then give a sample other bytes in other "
+                "batches. Set MKL_CBWR=AUTO,STRICT in the environment, or import puregen before running "
+                "other torch code.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if self.device.type == "cuda":
             # Input gradients on CUDA are reproducible only with deterministic kernels;
             # cuBLAS needs a fixed workspace for that (set before its first use).
@@ -181,8 +285,16 @@ class TorchEvaluator(Evaluator):
     def _maybe_compile(self, fn, name: str, compile: bool):
         return LazyCompiled(fn, name=name, cuda_graphs=self.device.type == "cuda") if compile else fn
 
+    def input_memory_format(self, shape) -> torch.memory_format:
+        return memory_format_for(shape, self.channels_last)
+
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # `run_microbatched` already gives this layout; a direct caller's tensor is copied into it.
+        # Not `.contiguous(memory_format=...)`: for one channel that keeps either stride pattern.
+        fmt = self.input_memory_format(x.shape)
+        if tuple(x.stride()) == _strides(tuple(x.shape), fmt):
+            return x
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt).copy_(x)
 
     # One fixed-shape micro-batch each: these are what `compile` traces.
     def _energy_eager(self, b: torch.Tensor) -> torch.Tensor:
@@ -205,6 +317,9 @@ class TorchEvaluator(Evaluator):
         info = super().describe()
         if self.channels_last:
             info["channels_last"] = True
+        # The networks' input layout picks the convolution kernels, so it is part of a job's fingerprint
+        # (before it was fixed per shape, one-channel jobs ran either layout, whichever the input had).
+        info["input_layout"] = "channels_last" if self.channels_last else "nchw; one channel as channels_last"
         return info
 
     def compile_state(self) -> dict:

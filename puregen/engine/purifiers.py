@@ -80,8 +80,9 @@ class FiltSelection:
 def _checked_stage_output(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """An earlier stage's fp32 result for the batch `x`, laid out as `x`; an error if it cannot be.
 
-    The layout matters: bf16 convolutions take another path for other strides (measured: a 1-channel
-    batch's UNet output moved by 1e-3), and the stage's own output has x's strides."""
+    The networks no longer see a state's strides (the evaluator copies every micro-batch into one
+    layout fixed by its shape: a 1-channel batch's strides once moved bf16 UNet outputs by 1e-3);
+    the copy keeps the stage's result independent of the caller's tensor all the same."""
     if state.dtype != torch.float32 or tuple(state.shape) != tuple(x.shape):
         raise ValueError(f"the EBM stage's output must be float32 of shape {tuple(x.shape)}, "
                          f"got {state.dtype} {tuple(state.shape)}")
