@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from puregen.api import load_purifier
-from puregen.bench.measure import conv_ceiling, test_images
+from puregen.bench.measure import conv_ceiling, benchmark_images
 from puregen.engine.provenance import run_provenance
 from puregen.models import ebm as ebm_module
 from puregen.models import unet as unet_module
@@ -53,7 +53,7 @@ def run(method: str, batch: int, repeats: int, micro_batch: int, threads: int) -
     cfg = purifier.config
     times = []
     for r in range(repeats):
-        images = test_images(batch, seed=r)
+        images = benchmark_images(batch, seed=r)
         indices = np.arange(r * batch, (r + 1) * batch)
         t0 = time.perf_counter()
         purifier.purify(images, seed=0, indices=indices, batch_size=batch)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from puregen.bench.measure import test_images
+from puregen.bench.measure import benchmark_images
 from puregen.engine.factory import load_purifier
 
 MODES = {
@@ -33,7 +33,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def images():
-    return test_images(64, seed=0, size=28, channels=1)
+    return benchmark_images(64, seed=0, size=28, channels=1)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -85,7 +85,7 @@ def counted_flops(fn: Callable[[], object]) -> int:
     return counter.total
 
 
-def test_images(n: int, seed: int, size: int = 32, channels: int = 3) -> np.ndarray:
+def benchmark_images(n: int, seed: int, size: int = 32, channels: int = 3) -> np.ndarray:
     """Non-constant uint8 NHWC images (smooth noise with a colour ramp): never time on zeros."""
     rng = np.random.default_rng(seed)
     noise = rng.random((n, size + 4, size + 4, channels))

@@ -34,7 +34,7 @@ from ..models.checkpoints import load_model
 from ..models.defaults import default_checkpoint
 from ..models.ebm import EBM, EBMConfig
 from ..models.unet import UNet2D, UNetConfig
-from .measure import conv_ceiling, counted_flops, median_seconds, test_images
+from .measure import conv_ceiling, counted_flops, median_seconds, benchmark_images
 
 # PureGen on a TPU, CIFAR-10 (50,000 images): 923 s (EBM) and 4181 s (DDPM).
 PUBLISHED_IMAGES_PER_SECOND = {"ebm": 50_000 / 923.0, "ddpm": 50_000 / 4181.0}
@@ -147,7 +147,7 @@ def run_bench(
     threads = pin_threads(threads)
     fast_precision = check_backend(backend, precision, dev)
     model, (h, w, c) = bench_model(method, preset, checkpoint)
-    x = to_model_space(torch.from_numpy(test_images(batch, seed=0, size=h, channels=c)).to(dev))
+    x = to_model_space(torch.from_numpy(benchmark_images(batch, seed=0, size=h, channels=c)).to(dev))
     flop_per_step = step_flops(method, model, x, dev, micro_batch)
 
     bf16_ok = dev.type == "cpu" or torch.cuda.is_bf16_supported()
