@@ -538,7 +538,7 @@ def read_cifar(
     labels = None
     if parts[0][1] is not None:
         labels = parts[0][1] if len(parts) == 1 else np.concatenate([lab for _, lab in parts])
-    return ImageDataset(images, labels, str(p), num_classes)
+    return ImageDataset(images, labels, str(p), num_classes, files=tuple(str(f) for f in files))
 
 
 def write_cifar_batch(

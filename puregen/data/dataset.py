@@ -34,7 +34,8 @@ class ImageDataset:
             an ``.npz`` saved that way), so that writing back can keep it;
             ``labels`` itself is always ``int64``.
         files: the files the data was read from, in reading order (set by
-            readers of formats split over several files).
+            `read_dataset` for every file format; the IDX and CIFAR readers
+            name each file of a pair or a folder's batches).
 
     Everything is validated in ``__post_init__``; bad input raises
     :class:`~puregen.errors.InputError` naming ``source``.

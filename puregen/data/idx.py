@@ -220,7 +220,8 @@ def read_idx_dataset(
         if raw.shape[0] != images.shape[0]:
             raise InputError(f"{lp}: has {raw.shape[0]} labels but {src} has {images.shape[0]} images")
         labels = validate_labels(raw, images.shape[0], str(lp), num_classes)
-    return ImageDataset(images, labels, src, num_classes)
+    files = (src,) if lp is None else (src, str(lp))
+    return ImageDataset(images, labels, src, num_classes, files=files)
 
 
 def _split_of(name: str) -> str | None:
@@ -287,6 +288,13 @@ def write_idx(path: str | os.PathLike, array: Any) -> Path:
     return path
 
 
+def check_idx_dataset(shape, labels: Any, src: str) -> np.ndarray | None:
+    """What IDX can hold: single-channel NHWC images of `shape` and labels that fit in a byte."""
+    if shape[3] != 1:
+        raise InputError(f"{src}: IDX images must be single-channel; got C={shape[3]}")
+    return None if labels is None else validate_labels(labels, shape[0], src, 256)
+
+
 def write_idx_dataset(
     images_path: str | os.PathLike, images: np.ndarray, labels: Any = None
 ) -> tuple[Path, Path | None]:
@@ -300,11 +308,9 @@ def write_idx_dataset(
     images_path = Path(images_path)
     src = str(images_path)
     images = validate_images_uint8(images, src)
-    if images.shape[3] != 1:
-        raise InputError(f"{src}: IDX images must be single-channel; got C={images.shape[3]}")
+    labels = check_idx_dataset(images.shape, labels, src)
     labels_path = None
     if labels is not None:
-        labels = validate_labels(labels, images.shape[0], src, 256)
         name = labels_name_for(images_path.name)
         if name is None:
             raise InputError(

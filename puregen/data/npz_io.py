@@ -247,14 +247,19 @@ def write_npz(path: str | os.PathLike, images: np.ndarray, labels: Any = None, *
     arrays = {"x": images}
     if labels is not None:
         labels = validate_labels(labels, images.shape[0], src)
-        dtype = np.dtype(np.int64 if label_dtype is None else label_dtype)
-        if dtype.kind not in "iu":
-            raise InputError(f"{src}: labels can only be stored as integers, not {dtype}")
-        info = np.iinfo(dtype)
-        if len(labels) and (labels.min() < info.min or labels.max() > info.max):
-            raise InputError(f"{src}: labels {labels.min()}..{labels.max()} do not fit in {dtype}")
-        arrays["y"] = labels.astype(dtype)
+        arrays["y"] = labels.astype(stored_label_dtype(labels, label_dtype, src))
     return write_npz_atomic(path, **arrays)
+
+
+def stored_label_dtype(labels: np.ndarray, label_dtype: Any, src: str) -> np.dtype:
+    """The integer dtype `write_npz` stores int64 `labels` as (default int64); an error if they do not fit."""
+    dtype = np.dtype(np.int64 if label_dtype is None else label_dtype)
+    if dtype.kind not in "iu":
+        raise InputError(f"{src}: labels can only be stored as integers, not {dtype}")
+    info = np.iinfo(dtype)
+    if len(labels) and (labels.min() < info.min or labels.max() > info.max):
+        raise InputError(f"{src}: labels {labels.min()}..{labels.max()} do not fit in {dtype}")
+    return dtype
 
 
 def write_npy(path: str | os.PathLike, images: np.ndarray) -> Path:

@@ -127,11 +127,8 @@ def read_dataset(
             ds = idx.read_idx_directory(p, split=split, num_classes=num_classes)
         else:
             ds = idx.read_idx_dataset(p, num_classes=num_classes)
-        labels_file = idx.find_idx_labels(ds.source) if ds.labels is not None else None
-        ds.files = (ds.source,) + ((str(labels_file),) if labels_file is not None else ())
     elif format == "cifar":
         ds = cifar.read_cifar(p, split=split, num_classes=num_classes)
-        ds.files = tuple(str(f) for f in cifar.find_cifar_batches(p, split)) if is_dir else (str(p),)
     else:
         ds = folder.read_image_folder(p, num_classes=num_classes)
     if ds.files is None and not is_dir:

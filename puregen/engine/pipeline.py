@@ -28,6 +28,8 @@ import torch
 
 from ..data import ImageDataset, read_dataset, write_dataset
 from ..data.output_target import OutputTarget, output_digest, output_format, overlaps, plan_output, resolved
+from ..data.idx import check_idx_dataset
+from ..data.npz_io import stored_label_dtype
 from ..data.writers import write_npz_atomic
 from ..errors import InputError
 from .job_folder import (
@@ -143,6 +145,10 @@ def image_progress_bar(total: int, desc: str, enabled: bool):
                 bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
 
 
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def check_seed(seed) -> int:
     """The seed as the noise streams take it: an integer in [0, 2**64)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -207,7 +213,7 @@ def run_job(
     receives one line naming the files read (default: standard error when `progress` is on).
     """
     if log is None:
-        log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+        log = log_to_stderr if progress else (lambda line: None)
     _check_job_options(seed, batch_size, chunk_size, limit, resume, overwrite)
     output_format(output_path)  # a name that means no format is refused before a long read
     paths = JobPaths(resolved(output_path, "output"))
@@ -289,17 +295,11 @@ def _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch
 
 
 def check_writable(target: OutputTarget, data: ImageDataset) -> None:
-    """What the writer would refuse at the end, refused now."""
+    """What the writer would refuse at the end (the writers' own checks), refused now."""
     if target.format == "idx":
-        if data.channels != 1:
-            raise InputError(f"{target.path}: IDX holds single-channel images; these have {data.channels} channels "
-                             "(write a .npz or an image folder)")
-        if data.labels is not None and len(data.labels) and data.labels.max() > 255:
-            raise InputError(f"{target.path}: IDX labels are bytes; these go up to {data.labels.max()}")
-    if target.format == "npz" and data.label_dtype is not None and data.labels is not None and len(data.labels):
-        info = np.iinfo(np.dtype(data.label_dtype))
-        if data.labels.min() < info.min or data.labels.max() > info.max:
-            raise InputError(f"{target.path}: labels do not fit their input dtype {data.label_dtype}")
+        check_idx_dataset(data.images.shape, data.labels, str(target.path))
+    if target.format == "npz" and data.labels is not None:
+        stored_label_dtype(data.labels, data.label_dtype, str(target.path))
 
 
 def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress, on_chunk) -> int:
