@@ -8,7 +8,7 @@ import sys
 
 from .config import METHODS, PRESETS, check_options_apply
 from .engine.evaluator import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
-from .engine.pipeline import DEFAULT_CHUNK_SIZE
+from .engine.pipeline import DEFAULT_CHUNK_SIZE, log_to_stderr
 from .errors import InputError
 from .export.commands import add_export_parser
 
@@ -84,7 +84,7 @@ def _cmd_purify(args) -> int:
         batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,
         threads=args.threads, device=args.device, precision=args.precision, backend=args.backend,
         onnx_dir=args.onnx_dir, resume=args.resume, overwrite=args.overwrite, limit=args.limit, input_format=args.input_format,
-        split=args.split, progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr, flush=True),
+        split=args.split, progress=not args.no_progress, log=log_to_stderr,
     )
     timing = manifest.get("timing", {})
     rate = timing.get("images_per_second_this_run")
@@ -430,7 +430,7 @@ def _add_bench(sub) -> None:
 def _cmd_bench(args) -> int:
     from pathlib import Path
 
-    from .bench.throughput import format_summary, log_to_stderr, run_bench
+    from .bench.throughput import format_summary, run_bench
     from .engine.pipeline import write_json_atomic
 
     from .export.commands import int_list

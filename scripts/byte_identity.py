@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from puregen.api import load_purifier, purify_dataset  # noqa: E402
+from puregen.bench.measure import benchmark_images  # noqa: E402
 from puregen.data import read_dataset, write_dataset  # noqa: E402
 
 # Short runs of every method; filt takes its threshold from the pipeline's global pass.
@@ -43,12 +44,7 @@ OVERRIDES = {
 
 
 def images(n: int = 24) -> np.ndarray:
-    """Smooth noise with a gradient: like pictures, never constant."""
-    rng = np.random.default_rng(11)
-    noise = rng.random((n, 32, 32, 1))
-    blur = sum(noise[:, i : i + 28, j : j + 28] for i in range(5) for j in range(5)) / 25
-    ramp = np.linspace(0, 0.5, 28)[None, :, None, None]
-    return (np.clip((blur - 0.5) * 3 + 0.25 + ramp, 0, 1) * 255).round().astype(np.uint8)
+    return benchmark_images(n, seed=11, size=28, channels=1)  # smooth, like pictures; never constant
 
 
 def tiny_models():

@@ -19,7 +19,6 @@ ran; the ceiling is measured in the same run in the fast path's precision.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
 
@@ -34,7 +33,7 @@ from ..models.checkpoints import load_model
 from ..models.defaults import default_checkpoint
 from ..models.ebm import EBM, EBMConfig
 from ..models.unet import UNet2D, UNetConfig
-from .measure import conv_ceiling, counted_flops, median_seconds, benchmark_images
+from .measure import benchmark_images, conv_ceiling, counted_flops, median_seconds
 
 # PureGen on a TPU, CIFAR-10 (50,000 images): 923 s (EBM) and 4181 s (DDPM).
 PUBLISHED_IMAGES_PER_SECOND = {"ebm": 50_000 / 923.0, "ddpm": 50_000 / 4181.0}
@@ -220,6 +219,4 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
