@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 import torch
@@ -49,16 +48,17 @@ def _open_regular(path: Path, what: str):
 
 
 def _check_regular(path: Path, what: str) -> None:
+    """The data layer's regular-file check (a FIFO is refused, never opened), as a CheckpointError."""
+    from ..data.validation import check_regular_file
+
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: {what} not found")
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    if stat.S_ISDIR(mode):
-        raise CheckpointError(f"{path}: is a directory, expected a {what}")
-    if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path}: is not a regular file (a FIFO, socket or device); expected a {what}")
+        check_regular_file(path, f"a {what}")
+    except CheckpointError:
+        raise
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _check_depth(data, path: Path, limit: int = MAX_JSON_DEPTH) -> None:
