@@ -30,13 +30,14 @@ from puregen.models import unet as unet_module
 PUBLISHED_SECONDS_CIFAR10 = {"ebm": 923.0, "ddpm": 4181.0}  # PureGen on a TPU, 50,000 images
 
 
-def flops_per_image(method: str, steps: int, t_star: int) -> float:
-    if method == "ebm":
+def flops_per_image(network: str, evaluations: int) -> float:
+    """FLOPs per image of `evaluations` steps of the one network (`ebm` or `unet`) a timed method runs."""
+    if network == "ebm":
         fwd = ebm_module.count_flops(ebm_module.EBMConfig.paper(), 32, 32)
         # each step: forward + input-gradient backward (~ one more forward); plus the two audit energies
-        return steps * 2 * fwd + 2 * fwd
+        return evaluations * 2 * fwd + 2 * fwd
     fwd = unet_module.count_flops(unet_module.UNetConfig.paper(), 32, 32)
-    return t_star * fwd
+    return evaluations * fwd
 
 
 def build(method: str, micro_batch: int, threads: int):
@@ -50,7 +51,6 @@ def build(method: str, micro_batch: int, threads: int):
 
 def run(method: str, batch: int, repeats: int, micro_batch: int, threads: int) -> dict:
     purifier = build(method, micro_batch, threads)
-    cfg = purifier.config
     times = []
     for r in range(repeats):
         images = benchmark_images(batch, seed=r)
@@ -60,12 +60,13 @@ def run(method: str, batch: int, repeats: int, micro_batch: int, threads: int) -
         times.append(time.perf_counter() - t0)
         print(f"  {method} batch {r + 1}/{repeats}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
     median = statistics.median(times)
-    flops = flops_per_image(method, cfg.langevin.steps, cfg.diffusion.t_star)
+    steps = purifier.algorithm.network_evaluations()
+    flops = flops_per_image(purifier.algorithm.networks[0], steps)
     ips = batch / median
     published_ips = 50_000 / PUBLISHED_SECONDS_CIFAR10[method]
     return {
         "method": method,
-        "steps": cfg.langevin.steps if method == "ebm" else cfg.diffusion.t_star,
+        "steps": steps,
         "batch": batch,
         "micro_batch": micro_batch,
         "threads": threads,

@@ -28,7 +28,7 @@ from puregen.models import unet as unet_module
 
 
 def flops_per_image(purifier, method: str, steps: int) -> float:
-    if method == "ebm":
+    if purifier.algorithm.networks == ("ebm",):
         return 2 * ebm_module.count_flops(purifier.evaluator.ebm.config, 28, 28) * steps  # forward + input grad
     return unet_module.count_flops(purifier.evaluator.unet.config, 28, 28) * steps
 

@@ -6,7 +6,8 @@ import os
 
 from .engine.factory import load_purifier
 from .data.output_target import output_format
-from .engine.pipeline import check_seed, run_job
+from .engine.noise_key import check_seed
+from .engine.pipeline import run_job
 from .engine.purifiers import Purifier
 
 __all__ = ["load_purifier", "purify", "purify_dataset"]

@@ -12,6 +12,7 @@ import torch
 from puregen.api import load_purifier, purify_dataset
 from puregen.data import read_dataset, write_dataset
 from puregen.data.convert import from_model_space, to_model_space
+from puregen.engine.noise_key import NoiseKey
 from puregen.models.defaults import default_checkpoint
 from puregen.models.ebm import EBM, EBMConfig
 
@@ -193,11 +194,11 @@ def test_fp32_state_ignores_input_strides_and_micro_batch_padding(method, tiny_m
     states = {}
     for name, u8 in _u8_layouts(images).items():
         assert torch.equal(u8, torch.from_numpy(images))
-        res = p.purify_batch(u8, idx, 7, keep_state=True)
+        res = p.purify_batch(u8, NoiseKey.of(7, idx), keep_state=True)
         states[name] = res.state
         # 21 rows = 8 + 8 + 5 padded; cut 13 + 8 instead: another padding, other neighbours
-        cut = torch.cat([p.purify_batch(u8[:13], idx[:13], 7, keep_state=True).state,
-                         p.purify_batch(u8[13:], idx[13:], 7, keep_state=True).state])
+        cut = torch.cat([p.purify_batch(u8[:13], NoiseKey.of(7, idx[:13]), keep_state=True).state,
+                         p.purify_batch(u8[13:], NoiseKey.of(7, idx[13:]), keep_state=True).state])
         assert torch.equal(cut, res.state), f"{method}: {name}: the cut 13 + 8 changed the fp32 state"
     ref_name, ref = next(iter(states.items()))
     for name, state in states.items():
@@ -212,9 +213,9 @@ def test_ddpm_state_ignores_the_cut_at_thread_counts_that_split_samples(threads,
     p = load_purifier("ddpm", ddpm=tiny_models[1], preset="tiny", t_star=3, micro_batch=8, threads=threads)
     images = torch.from_numpy(smooth_images(21, seed=1))
     idx = torch.arange(21)
-    whole = p.purify_batch(images, idx, 0, keep_state=True).state
-    cut = torch.cat([p.purify_batch(images[:13], idx[:13], 0, keep_state=True).state,
-                     p.purify_batch(images[13:], idx[13:], 0, keep_state=True).state])
+    whole = p.purify_batch(images, NoiseKey.of(0, idx), keep_state=True).state
+    cut = torch.cat([p.purify_batch(images[:13], NoiseKey.of(0, idx[:13]), keep_state=True).state,
+                     p.purify_batch(images[13:], NoiseKey.of(0, idx[13:]), keep_state=True).state])
     bad = (whole != cut).flatten(1).any(1).nonzero().flatten().tolist()
     assert not bad, f"{threads} threads: the cut 13 + 8 changed the fp32 state of rows {bad}"  # exact: fp32 bits
 
@@ -255,10 +256,10 @@ def test_shipped_ebm_long_chain_bytes_identical_across_entry_points_and_cuts(tmp
     # The same chain in fp32, where no rounding hides a last-bit difference (so the test does not hang on
     # which images happen to flip a level): 16 rows as the pipeline hands them over, as the API does, and cut 5 + 11.
     u8, idx = torch.from_numpy(images[:16]), torch.arange(16)
-    state = p.purify_batch(u8, idx, 0, keep_state=True).state
-    api = p.purify_batch(from_model_space(to_model_space(images[:16])), idx, 0, keep_state=True).state
-    cut = torch.cat([p.purify_batch(u8[:5], idx[:5], 0, keep_state=True).state,
-                     p.purify_batch(u8[5:], idx[5:], 0, keep_state=True).state])
+    state = p.purify_batch(u8, NoiseKey.of(0, idx), keep_state=True).state
+    api = p.purify_batch(from_model_space(to_model_space(images[:16])), NoiseKey.of(0, idx), keep_state=True).state
+    cut = torch.cat([p.purify_batch(u8[:5], NoiseKey.of(0, idx[:5]), keep_state=True).state,
+                     p.purify_batch(u8[5:], NoiseKey.of(0, idx[5:]), keep_state=True).state])
     for name, other in (("the API's tensor", api), ("the cut 5 + 11", cut)):
         rows = (other != state).flatten(1).any(1).nonzero().flatten().tolist()
         assert not rows, f"{name} changed the fp32 state of rows {rows} after {SHIPPED_STEPS} steps"

@@ -224,7 +224,7 @@ def test_purify_with_a_langevin_temperature_and_a_bad_one(good_npz, tmp_path):
     r = cli("purify", good_npz, "-o", out, "--method", "ebm", "--steps", 2, "--temp", "5e-5", "--no-progress")
     assert r.returncode == 0, r.stderr
     manifest = json.loads(out.with_name("o.npz.manifest.json").read_text())
-    assert manifest["config"]["method"]["langevin"]["temp"] == 5e-5
+    assert manifest["config"]["method"]["temp"] == 5e-5
 
 
 def test_train_ebm_with_a_weight_average_and_its_options(good_npz, tmp_path):

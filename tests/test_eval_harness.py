@@ -167,7 +167,8 @@ def test_naive_starts_from_the_ebm_defenses_states_and_gives_the_same_bytes(tmp_
     """naive = EBM then DDPM: after the ebm defense ran, naive runs only its DDPM stage, with the same result."""
     import torch
 
-    import puregen.engine.purifiers as purifiers
+    import puregen.methods.naive as naive_module
+    from puregen.engine.noise_key import NoiseKey
     from puregen.evaluation.defending import Checkpoints, DefenseContext, PreparedDefense, defense_spec
     from puregen.evaluation.scales import ScaleData, smoke_settings, small_settings
     from puregen.models.checkpoints import save_model
@@ -189,18 +190,18 @@ def test_naive_starts_from_the_ebm_defenses_states_and_gives_the_same_bytes(tmp_
     ebm_defense.base(), ebm_defense.rows(images[rows], rows, "poisons")
     assert len(list(ebm_defense.folder.glob("*-ebm-state.npz"))) == 2
     naive = PreparedDefense(defense_spec("naive"), after)
-    assert naive.ebm_stage_folder == ebm_defense.folder
+    assert naive.first_stage_folder == ebm_defense.folder
 
     def no_langevin(*args, **kwargs):
         raise AssertionError("naive ran its Langevin stage although the ebm defense's states were there")
 
-    monkeypatch.setattr(purifiers, "langevin", no_langevin)
+    monkeypatch.setattr(naive_module, "langevin", no_langevin)
     # The same rows in the same batches and micro-batches as the ebm pass: equal bytes, bf16 included.
     assert np.array_equal(naive.base(), expected_base)
     assert np.array_equal(naive.rows(images[rows], rows, "poisons"), expected_rows)
-    with pytest.raises(ValueError, match="naive"):
-        ebm_defense.purifier.purify_batch(torch.from_numpy(images[:2]), torch.arange(2), 0,
-                                          ebm_stage_output=torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="no first stage"):
+        ebm_defense.purifier.purify_batch(torch.from_numpy(images[:2]), NoiseKey.rows(0, 0, 2),
+                                          first_stage_output=torch.zeros(2, 1, 28, 28))
 
 
 def test_unknown_names_are_rejected():

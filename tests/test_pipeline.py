@@ -20,9 +20,13 @@ def dataset_file(tmp_path_factory):
     return path
 
 
+# Two Langevin steps and t* = 2 where the method has those options (an option it does not read is an error).
+SHORT = {"naive": dict(steps=2, t_star=2), "ebm": dict(steps=2), "filt": dict(t_star=2), "jpeg": {}}
+
+
 def _purifier(tiny_models, method="naive"):
     ebm, unet = tiny_models
-    return load_purifier(method, ebm=ebm, ddpm=unet, preset="tiny", steps=2, t_star=2, micro_batch=8, threads=2)
+    return load_purifier(method, ebm=ebm, ddpm=unet, preset="tiny", micro_batch=8, threads=2, **SHORT[method])
 
 
 def test_output_equals_api_and_manifest_is_complete(tmp_path, dataset_file, tiny_models):
@@ -106,7 +110,7 @@ def test_filt_pipeline_matches_api(tmp_path, dataset_file, tiny_models):
     api = _purifier(tiny_models, "filt").purify(read_dataset(dataset_file).images)
     assert np.array_equal(read_dataset(tmp_path / "f.npz").images, api)
     assert sum(manifest["audit"]["filt_selected"]) == 20  # k = 0.5 of 40
-    assert "filt_threshold" in manifest
+    assert set(manifest["dataset_state"]) == {"energy", "index"}  # the quantile boundary it selected by
 
 
 @pytest.mark.slow
@@ -122,7 +126,7 @@ def test_sigkill_and_resume_gives_identical_bytes(tmp_path, dataset_file, tiny_c
 def test_filt_purifier_can_run_two_jobs(tmp_path, dataset_file, tiny_models):
     p = _purifier(tiny_models, "filt")
     first = purify_dataset(dataset_file, tmp_path / "a.npz", purifier=p, progress=False)
-    assert p.needs_global_pass  # the first dataset's selection did not stick to the purifier
+    assert p.needs_dataset_pass  # the first dataset's selection did not stick to the purifier
     second = purify_dataset(dataset_file, tmp_path / "b.npz", purifier=p, limit=10, progress=False)
     assert sum(first["audit"]["filt_selected"]) == 20 and sum(second["audit"]["filt_selected"]) == 5
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from puregen.config import DiffusionConfig, LangevinConfig
+from puregen.engine.noise_key import NoiseKey
+from puregen.engine.samplers import DiffusionConfig, LangevinConfig
 from puregen.engine.evaluator import TorchEvaluator
 from puregen.engine.samplers import diffuse_denoise, langevin
 from puregen.kernels import philox
@@ -26,7 +27,7 @@ def test_one_langevin_step_matches_float64_formula(nf, side):
     x = _random_images((5, 3, side, side), 1)
     idx = torch.tensor([3, 9, 0, 41, 7])
     cfg = LangevinConfig()  # published eps=1.25e-2, temp=1e-4
-    out = langevin(x, TorchEvaluator(ebm, micro_batch=4), cfg, steps=1, indices=idx, seed=123)
+    out = langevin(x, TorchEvaluator(ebm, micro_batch=4), cfg, steps=1, key=NoiseKey.of(123, idx))
 
     ebm64 = EBM(ebm.config).double()
     ebm64.load_state_dict(ebm.state_dict())
@@ -77,7 +78,7 @@ def test_forward_noising_and_one_reverse_step_match_float64_formulas(arch):
         n = philox.normal_noise(idx, shape, seed=seed, stream=philox.STREAM_DDPM_REVERSE, step=t).double()
         x_t = mean + (math.sqrt(var) * n if t > 0 else 0)
 
-    out = diffuse_denoise(x0, ev, cfg, indices=idx, seed=seed)
+    out = diffuse_denoise(x0, ev, cfg, key=NoiseKey.of(seed, idx))
     err = (out.double() - x_t).abs().max().item()
     print(f"\nforward noising + reverse steps t=1,0: max abs error vs float64 = {err:.3e}")
     assert err < 1e-5, err  # fp32 UNet and state vs float64 over two steps
@@ -115,12 +116,12 @@ def test_respaced_reverse_process_matches_float64_formula():
         x_t = mean + (math.sqrt(var) * n if t_prev >= 0 else 0)
 
     ev = TorchEvaluator(unet=unet, micro_batch=4)
-    out = diffuse_denoise(x0, ev, cfg, indices=idx, seed=seed)
+    out = diffuse_denoise(x0, ev, cfg, key=NoiseKey.of(seed, idx))
     err = (out.double() - x_t).abs().max().item()
     assert err < 1e-5, err  # fp32 UNet and state vs float64 over four steps
     # All t* steps, asked for explicitly, are the unrespaced run bit for bit.
-    full = diffuse_denoise(x0, ev, DiffusionConfig(t_star=t_star), indices=idx, seed=seed)
-    same = diffuse_denoise(x0, ev, DiffusionConfig(t_star=t_star, reverse_steps=t_star), indices=idx, seed=seed)
+    full = diffuse_denoise(x0, ev, DiffusionConfig(t_star=t_star), key=NoiseKey.of(seed, idx))
+    same = diffuse_denoise(x0, ev, DiffusionConfig(t_star=t_star, reverse_steps=t_star), key=NoiseKey.of(seed, idx))
     assert torch.equal(full, same)
     assert not torch.equal(full, out)
 
@@ -179,8 +180,8 @@ def test_parameter_gradients_are_never_computed():
     unet = UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28))
     ev = TorchEvaluator(ebm, unet, micro_batch=4)
     x = _random_images((2, 1, 28, 28), 5)
-    langevin(x, ev, LangevinConfig(steps=2), indices=torch.arange(2), seed=0)
-    diffuse_denoise(x, ev, DiffusionConfig(t_star=2), indices=torch.arange(2), seed=0)
+    langevin(x, ev, LangevinConfig(steps=2), key=NoiseKey.of(0, torch.arange(2)))
+    diffuse_denoise(x, ev, DiffusionConfig(t_star=2), key=NoiseKey.of(0, torch.arange(2)))
     for model in (ebm, unet):
         for name, p in model.named_parameters():
             assert not p.requires_grad and p.grad is None, name
@@ -202,7 +203,7 @@ def test_ebm_flop_count_matches_torch_counter(cfg, side):
 def test_a_lower_langevin_temperature_equals_a_proportionally_larger_energy():
     """`temp` divides the energy: halving it must purify exactly as the same EBM with its energy doubled."""
     from puregen.api import load_purifier
-    from puregen.config import method_config
+    from puregen.methods import configure
     from puregen.errors import InputError
 
     torch.manual_seed(0)
@@ -219,5 +220,5 @@ def test_a_lower_langevin_temperature_equals_a_proportionally_larger_energy():
     assert not np.array_equal(cooler, published), "a temperature must change the purification"
     for bad in (0.0, -1e-4, float("nan"), float("inf")):
         with pytest.raises(InputError, match="--temp"):
-            method_config("ebm", temp=bad)
-    assert method_config("reps", temp=2e-4).langevin.temp == 2e-4  # every EBM stage reads the same config
+            configure("ebm", temp=bad)
+    assert configure("reps", temp=2e-4).config.langevin().temp == 2e-4  # every EBM stage reads the same option

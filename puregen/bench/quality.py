@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import method_config
 from ..data.convert import from_model_space, to_model_space
-from ..engine.samplers import diffuse_denoise, langevin
+from ..engine.noise_key import NoiseKey
+from ..methods.base import BatchContext
+from ..methods.registry import configure
 from .throughput import Mode as FastPath
 
 MAX_MEAN_LEVELS = 1.0
@@ -44,13 +45,11 @@ def default_fast_paths(device: torch.device) -> list[FastPath]:
 def purify_float(method: str, ebm, unet, path: FastPath, images_u8: np.ndarray, *, seed: int, micro_batch: int,
                  device: torch.device, steps: int | None = None, t_star: int | None = None) -> torch.Tensor:
     """The purified fp32 state (model space, before rounding) under one evaluation mode."""
-    cfg = method_config(method, "paper", steps=steps, t_star=t_star)
+    algorithm = configure(method, "paper", steps=steps, t_star=t_star)
     evaluator = path.evaluator(ebm, unet, device=device, micro_batch=micro_batch)
     x = to_model_space(torch.from_numpy(images_u8).to(device))
-    idx = torch.arange(len(images_u8), dtype=torch.int64)
-    if method == "ebm":
-        return langevin(x, evaluator, cfg.langevin, indices=idx, seed=seed)
-    return diffuse_denoise(x, evaluator, cfg.diffusion, indices=idx, seed=seed)
+    key = NoiseKey.rows(seed, 0, len(images_u8)).to(device)
+    return algorithm.purify(x, BatchContext(evaluator, key)).x
 
 
 def compare(oracle: torch.Tensor, fast: torch.Tensor) -> dict:

@@ -22,11 +22,12 @@ import dataclasses
 
 import torch
 
-from ..config import method_config
 from ..data.convert import to_model_space
 from ..engine.evaluator import TorchEvaluator, check_backend
 from ..engine.factory import pin_threads, resolve_device
-from ..engine.samplers import diffuse_denoise, langevin
+from ..engine.noise_key import NoiseKey
+from ..engine.samplers import DiffusionConfig, LangevinConfig, diffuse_denoise, langevin
+from ..methods.registry import configure
 from ..engine.provenance import run_provenance
 from ..errors import InputError
 from ..models.checkpoints import load_model
@@ -61,9 +62,18 @@ class Mode:
                               channels_last=self.channels_last, compile=self.backend == "compiled")
 
 
+def timed_network(method: str) -> str:
+    """The one network a benchmarked method runs (`ebm` or `unet`): the bench times its steps."""
+    networks = configure(method, "paper").networks
+    if len(networks) != 1:
+        raise InputError(f"bench --method {method}: the bench times one network's steps, and {method} runs "
+                         f"{len(networks) or 'no'} networks; choose ebm or ddpm")
+    return networks[0]
+
+
 def bench_model(method: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """The network to time and its image shape (height, width, channels)."""
-    kind = "ebm" if method == "ebm" else "unet"
+    kind = timed_network(method)
     if checkpoint is not None:
         model = load_model(checkpoint, expect=kind).model
     elif preset == "shipped":
@@ -80,7 +90,7 @@ def bench_model(method: str, preset: str, checkpoint: str | None) -> tuple[torch
 
 def _networks(method: str, model) -> tuple:
     """(ebm, unet) for the evaluator of `method`."""
-    return (model, None) if method == "ebm" else (None, model)
+    return (model, None) if timed_network(method) == "ebm" else (None, model)
 
 
 def step_flops(method, model, x, device, micro_batch) -> int:
@@ -91,21 +101,20 @@ def step_flops(method, model, x, device, micro_batch) -> int:
     """
     evaluator = Mode("count", "fp32", "torch", False).evaluator(*_networks(method, model), device=device,
                                                               micro_batch=micro_batch)
-    if method == "ebm":
+    if timed_network(method) == "ebm":
         return counted_flops(lambda: evaluator.energy_grad(x))
     return counted_flops(lambda: evaluator.epsilon(x, 10))
 
 
 def time_mode(method, model, mode: Mode, x, *, flop_per_step, device, micro_batch, timed_steps, repeats) -> dict:
-    cfg = method_config(method, "paper")
+    # Images/s are for the method's whole published purification; the timed run is its first steps.
+    total_steps = configure(method, "paper").network_evaluations()
     evaluator = mode.evaluator(*_networks(method, model), device=device, micro_batch=micro_batch)
-    idx = torch.arange(x.shape[0], dtype=torch.int64)
-    if method == "ebm":
-        run = lambda: langevin(x, evaluator, cfg.langevin, steps=timed_steps, indices=idx, seed=0)  # noqa: E731
-        total_steps = cfg.langevin.steps
+    key = NoiseKey.rows(0, 0, x.shape[0])
+    if timed_network(method) == "ebm":
+        run = lambda: langevin(x, evaluator, LangevinConfig(steps=timed_steps), key=key)  # noqa: E731
     else:
-        run = lambda: diffuse_denoise(x, evaluator, cfg.diffusion, t_star=timed_steps, indices=idx, seed=0)  # noqa: E731
-        total_steps = cfg.diffusion.t_star
+        run = lambda: diffuse_denoise(x, evaluator, DiffusionConfig(t_star=timed_steps), key=key)  # noqa: E731
     seconds, all_times = median_seconds(run, repeats, device, warmup=1)
     per_step = seconds / timed_steps
     batch = x.shape[0]
@@ -138,8 +147,7 @@ def run_bench(
     repeats: int = 3,
     log=print,
 ) -> dict:
-    if method not in ("ebm", "ddpm"):
-        raise InputError(f"bench --method must be ebm or ddpm, got {method!r}")
+    timed_network(method)
     if min(batch, micro_batch, timed_steps, repeats) < 1:
         raise InputError("--batch, --micro-batch, --timed-steps and --repeats must be >= 1")
     dev = resolve_device(device)

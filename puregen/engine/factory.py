@@ -6,8 +6,10 @@ import os
 
 import torch
 
-from ..config import MethodConfig, method_config
 from ..errors import InputError
+from ..methods.base import Method
+from ..methods.networks import NETWORKS
+from ..methods.registry import configure
 from ..models.checkpoints import LoadedModel, load_model
 from ..models.defaults import default_checkpoint
 from .evaluator import DEFAULT_MICRO_BATCH, TorchEvaluator, check_backend
@@ -41,13 +43,13 @@ def pin_threads(threads: int | None) -> int:
     return threads
 
 
-def _load(path, kind: str, what: str, cfg: MethodConfig) -> tuple[LoadedModel, bool]:
+def _load(path, kind: str, what: str, method: Method, preset: str) -> tuple[LoadedModel, bool]:
     """The checkpoint at `path`, else the shipped default; the flag says a default was used."""
     if path is None:
         shipped = default_checkpoint(kind)
         if shipped is None:
             raise InputError(
-                f"method {cfg.method!r} with preset {cfg.preset!r} needs a {what} checkpoint. {CHECKPOINT_HELP}"
+                f"method {method.name!r} with preset {preset!r} needs a {what} checkpoint. {CHECKPOINT_HELP}"
             )
         return load_model(shipped, expect=kind), True
     return load_model(path, expect=kind), False
@@ -77,26 +79,29 @@ def load_purifier(
     compiled = torch.compile) choose the fast path; `channels_last` defaults
     to on for the compiled backend. `onnxruntime` and `tensorrt` run exported graphs: those in
     `onnx_dir`, else exports made on first use and cached per network (see `puregen.export`).
-    `overrides`: steps, t_star, reps, filter_frac, energy_threshold, jpeg_quality, reverse_steps, temp.
+    `overrides`: the method's options (`puregen purify --help` lists them per method: steps, t_star,
+    reps, ...); an option the method does not read is an error.
     """
+    algorithm = configure(method, preset, **overrides)
+    given = {"ebm": ebm, "unet": ddpm}
     if checkpoint is not None:
-        if method not in ("ebm", "ddpm"):
-            raise TypeError(f"method {method!r} takes ebm= and ddpm= checkpoints, not one checkpoint")
-        ebm, ddpm = (checkpoint, ddpm) if method == "ebm" else (ebm, checkpoint)
-    cfg = method_config(method, preset, **overrides)
+        if len(algorithm.networks) != 1:
+            raise TypeError(f"method {method!r} takes one checkpoint per network "
+                            f"({', '.join(NETWORKS[k].flag + '=' for k in algorithm.networks) or 'none'}), "
+                            f"not one checkpoint")
+        given[algorithm.networks[0]] = checkpoint
     dev = resolve_device(device)
     precision = check_backend(backend, precision, dev)
     pinned = pin_threads(threads)
-    if method == "jpeg":
-        return Purifier(cfg, None, device=dev, provenance={"threads": pinned, "checkpoints": {}})
+    if not algorithm.networks:
+        return Purifier(algorithm, None, device=dev, provenance={"threads": pinned, "checkpoints": {}})
     models, fingerprints, sources, defaults = {}, {}, {}, []
-    for kind, what, source, needed in (("ebm", "EBM", ebm, cfg.needs_ebm), ("unet", "DDPM", ddpm, cfg.needs_ddpm)):
-        if not needed:
-            continue
+    for kind in algorithm.networks:
+        source = given[kind]
         if isinstance(source, torch.nn.Module):
             models[kind], fingerprints[kind] = source, f"in-memory:{type(source).__name__}"
         else:
-            loaded, is_default = _load(source, kind, what, cfg)
+            loaded, is_default = _load(source, kind, NETWORKS[kind].what, algorithm, preset)
             models[kind], fingerprints[kind] = loaded.model, loaded.fingerprint
             sources[kind] = {"checkpoint": loaded.path, "weights_sha256": loaded.fingerprint}
             if is_default:
@@ -109,7 +114,8 @@ def load_purifier(
         )
     else:
         evaluator = _exported_evaluator(backend, models, sources, dev, micro_batch, pinned, precision, onnx_dir)
-    return Purifier(cfg, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints, "defaults": defaults})
+    return Purifier(algorithm, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints, "defaults": defaults},
+                    models=models)
 
 
 def _exported_evaluator(backend, models, sources, device, micro_batch, threads, precision, onnx_dir):

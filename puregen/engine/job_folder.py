@@ -50,8 +50,14 @@ class JobPaths:
     def chunk(self, k: int) -> Path:
         return self.parts / f"chunk-{k:05d}.npz"
 
-    def energy_chunk(self, k: int) -> Path:
-        return self.parts / f"energy-{k:05d}.npy"
+    def prepass_chunk(self, k: int) -> Path:
+        """A prepass method's values for chunk k (each file renamed into place whole)."""
+        return self.parts / f"prepass-{k:05d}.npy"
+
+    @property
+    def dataset_state(self) -> Path:
+        """A fit method's fitted state (JSON, with its tensors in a safetensors file beside it)."""
+        return self.parts / "dataset-state.json"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -121,7 +127,9 @@ def load_chunk(path: Path, key: str, start: int, stop: int, recorded_sha: str | 
     return arrays
 
 
-_OUR_PARTS_FILE = re.compile(r"(manifest\.json|chunk-\d{5}\.npz|energy-\d{5}\.npy|\..*tmp.*|\.lock)")
+# energy-NNNNN.npy: the prepass files of work folders written before the method registry, still ours to remove.
+_OUR_PARTS_FILE = re.compile(
+    r"(manifest\.json|chunk-\d{5}\.npz|(prepass|energy)-\d{5}\.npy|dataset-state\.(json|safetensors)|\..*tmp.*|\.lock)")
 
 
 def _ours(parts: Path) -> bool:
@@ -204,7 +212,8 @@ def decide(paths: JobPaths, target: OutputTarget, *, resume: bool, overwrite: bo
             raise InputError(f"{paths.parts}: is in the way of this job's work folder and is not one; move it")
         if paths.parts_manifest.exists():
             parts_manifest = read_manifest(paths.parts_manifest)
-        elif not _ours(paths.parts) or any(p.name.startswith(("chunk-", "energy-")) for p in paths.parts.iterdir()):
+        elif not _ours(paths.parts) or any(p.name.startswith(("chunk-", "prepass-", "energy-", "dataset-state"))
+                                           for p in paths.parts.iterdir()):
             raise InputError(f"{paths.parts}: holds files but no job manifest, so nothing in it can be trusted; "
                              "move it away, or use --overwrite if it is an old puregen work folder")
 

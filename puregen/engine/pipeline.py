@@ -36,11 +36,12 @@ from .job_folder import (
     MANIFEST_VERSION, JobPaths, clear_for_new_job, create_parts, decide, file_sha256, job_key, key_array,
     load_chunk, locked, read_manifest, remove_orphans, write_json_atomic,
 )
+from ..methods.state_io import load_state, save_state
+from .noise_key import NoiseKey, check_seed
 from .provenance import run_provenance
-from .purifiers import FiltSelection, Purifier
+from .purifiers import Purifier
 
 DEFAULT_CHUNK_SIZE = 1024
-SEED_RANGE = (0, 1 << 64)  # the Philox key is 64 bits
 
 
 def dataset_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
@@ -149,15 +150,6 @@ def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_seed(seed) -> int:
-    """The seed as the noise streams take it: an integer in [0, 2**64)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InputError(f"--seed must be an integer, got {seed!r}")
-    if not SEED_RANGE[0] <= int(seed) < SEED_RANGE[1]:
-        raise InputError(f"--seed must be in [0, 2**64), got {seed}")
-    return int(seed)
-
-
 def _check_job_options(seed, batch_size: int, chunk_size: int, limit: int | None, resume: bool, overwrite: bool):
     check_seed(seed)
     for name, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size)):
@@ -226,6 +218,8 @@ def run_job(
         labels = None if labels is None else labels[:limit]
     n = len(images)
     purifier.check_image_shape(*images.shape[1:], source=str(input_path))
+    if purifier.algorithm.needs_labels and labels is None:
+        raise InputError(f"{input_path}: method {purifier.method!r} needs labelled data, and these images have no labels")
     target = plan_output(output_path, has_labels=labels is not None)
     _check_apart(target, paths, input_path, dataset)
     target.check_replaceable()
@@ -257,7 +251,7 @@ def run_job(
             "chunk_size": chunk_size,
             "finished_chunks": [],
             "chunk_sha256": {},
-            "finished_energy_chunks": [],
+            "finished_prepass_chunks": [],
         }
         create_parts(paths, manifest)
     with locked(paths):
@@ -269,26 +263,23 @@ def run_job(
 def _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch_size, chunk_size, progress,
                 on_chunk, dataset) -> dict:
     n = len(images)
+    labels = out_data.labels
     key = job_key(manifest["input_fingerprint"], manifest["config_fingerprint"])
     chunks = [(k, s, min(s + chunk_size, n)) for k, s in enumerate(range(0, n, chunk_size))]
     started = time.perf_counter()
     images_run = 0
     if not manifest.get("merging"):
-        global_pass = purifier.needs_global_pass
-        if global_pass:
-            _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress)
-            energies = np.concatenate([np.load(paths.energy_chunk(k)) for k, _, _ in chunks])
-            purifier.filt_selection = FiltSelection.from_quantile(
-                energies, np.arange(n), purifier.config.filt.filter_frac
-            )
-            manifest["filt_threshold"] = {"energy": purifier.filt_selection.energy,
-                                          "index": purifier.filt_selection.index}
+        dataset_pass = purifier.needs_dataset_pass
+        if dataset_pass:
+            purifier.dataset_state = _dataset_state(purifier, images, labels, chunks, paths, manifest, seed,
+                                                    batch_size, progress)
+            manifest["dataset_state"] = purifier.algorithm.describe_state(purifier.dataset_state)
         try:
             images_run = _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress,
                                         on_chunk)
         finally:
-            if global_pass:  # the selection belongs to this dataset, not to the purifier
-                purifier.filt_selection = None
+            if dataset_pass:  # the state belongs to this dataset, not to the purifier
+                purifier.dataset_state = None
     elapsed = time.perf_counter() - started
     runtime = getattr(purifier.evaluator, "compile_state", dict)()
     return _merge(paths, target, manifest, chunks, key, out_data, elapsed, images_run, runtime, dataset)
@@ -328,7 +319,7 @@ def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_s
             for s in range(start, stop, batch_size):
                 e = min(s + batch_size, stop)
                 res = purifier.purify_batch(
-                    chunk[s - start : e - start], torch.arange(s, e, dtype=torch.int64), seed,
+                    chunk[s - start : e - start], NoiseKey.rows(seed, s, e),
                     progress=bar.update if bar is not None else None,
                 )
                 outs.append(res.images.cpu().numpy())
@@ -347,21 +338,39 @@ def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_s
     return images_todo
 
 
-def _energy_pass(purifier, images, chunks, paths, manifest, batch_size, progress) -> None:
-    """filt's first pass: the energy of every image, chunked and resumable like the main pass."""
-    done = {k for k, _, _ in chunks if paths.energy_chunk(k).exists()}  # renamed into place whole
+def _dataset_state(purifier, images, labels, chunks, paths, manifest, seed, batch_size, progress) -> dict:
+    """The dataset state of a method that needs the whole input first: a prepass or a fit, both resumable."""
+    if purifier.algorithm.scope == "prepass":
+        _prepass(purifier, images, chunks, paths, manifest, seed, batch_size, progress)
+        values = np.concatenate([np.load(paths.prepass_chunk(k)) for k, _, _ in chunks])
+        return purifier.state_from_prepass(values, np.arange(len(images)))
+    # A fit's result is part of the job's state: a resumed job reads it instead of fitting again.
+    if paths.dataset_state.exists():
+        return load_state(paths.dataset_state)
+    state = purifier.fit(torch.from_numpy(np.ascontiguousarray(images)),
+                         None if labels is None else torch.from_numpy(np.asarray(labels, np.int64)),
+                         NoiseKey.rows(seed, 0, len(images)))
+    save_state(paths.dataset_state, state)
+    return state
+
+
+def _prepass(purifier, images, chunks, paths, manifest, seed, batch_size, progress) -> None:
+    """A prepass method's first pass (filt: every image's energy), chunked and resumable like the main pass."""
+    done = {k for k, _, _ in chunks if paths.prepass_chunk(k).exists()}  # renamed into place whole
     todo = [c for c in chunks if c[0] not in done]
-    bar = image_progress_bar(len(images), "energy", progress)
+    bar = image_progress_bar(len(images), f"prepass[{purifier.method}]", progress)
     if bar is not None:
         bar.update(len(images) - sum(stop - start for _, start, stop in todo))
     for k, start, stop, chunk in _Prefetcher(images, todo):
-        energies = np.concatenate(
-            [purifier.energies(chunk[s : s + batch_size]) for s in range(0, stop - start, batch_size)]
+        values = np.concatenate(
+            [purifier.prepass_values(chunk[s : s + batch_size],
+                                     NoiseKey.rows(seed, start + s, min(start + s + batch_size, stop)))
+             for s in range(0, stop - start, batch_size)]
         )
-        tmp = paths.parts / f".energy-{k:05d}.tmp.npy"
-        np.save(tmp, energies)
-        os.replace(tmp, paths.energy_chunk(k))
-        manifest["finished_energy_chunks"] = sorted(done | {k})
+        tmp = paths.parts / f".prepass-{k:05d}.tmp.npy"
+        np.save(tmp, values)
+        os.replace(tmp, paths.prepass_chunk(k))
+        manifest["finished_prepass_chunks"] = sorted(done | {k})
         done.add(k)
         write_json_atomic(paths.parts_manifest, manifest)
         if bar is not None:
@@ -388,7 +397,7 @@ def _merge(paths: JobPaths, target: OutputTarget, manifest: dict, chunks, key: s
         write_json_atomic(paths.parts_manifest, manifest)
     out_data.images = images
     write_dataset(target.path, out_data)
-    final = {k: v for k, v in manifest.items() if k not in ("merging", "finished_energy_chunks")}
+    final = {k: v for k, v in manifest.items() if k not in ("merging", "finished_prepass_chunks")}
     final.update(
         {
             "complete": True,

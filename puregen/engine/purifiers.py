@@ -1,27 +1,29 @@
-"""Purifiers: EBM Langevin, DDPM diffuse-and-denoise, their combinations, JPEG.
+"""The purifier: one registered method with its networks, over batches, arrays and streams.
 
-A purifier maps a batch of uint8 NHWC images and their global indices to
-purified uint8 images plus a per-sample audit. It knows nothing of files.
+A purifier maps a batch of uint8 NHWC images and their noise key to purified
+uint8 images plus a per-sample audit. What a method does is the method's
+(`puregen.methods`); the purifier adds what every method shares: model space,
+the EBM energy audit, progress, the dataset state of methods that need more
+than one batch, and the checks of image shape against the networks. It knows
+nothing of files.
 """
 
 from __future__ import annotations
 
-import io
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ..config import MethodConfig
 from ..data.convert import from_model_space, prepare_api_input, to_model_space
 from ..errors import InputError
+from ..methods.base import BatchContext, DatasetState, Method
+from ..methods.networks import NETWORKS
 from ..models.defaults import check_default_fits
-from .samplers import diffuse_denoise, langevin
+from .noise_key import NoiseKey
 
 ProgressFn = Callable[[float], None]
-
 
 class _StepProgress:
     """Turns network steps into images on the progress bar, in whole updates that sum to exactly the
@@ -46,37 +48,6 @@ class PurifyResult:
     state: torch.Tensor | None = None  # the fp32 model-space result before rounding, when asked for
 
 
-@dataclass(frozen=True)
-class FiltSelection:
-    """Which images `filt` purifies: those ranked above (energy, index) of the boundary.
-
-    Ranking is by energy, ties broken by global index, so the selection is a
-    pure function of the data whatever the batching.
-    """
-
-    energy: float
-    index: float  # the boundary's global index; +inf for a plain threshold
-
-    def selects(self, energies: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        return (energies > self.energy) | ((energies == self.energy) & (indices > self.index))
-
-    @classmethod
-    def from_threshold(cls, threshold: float) -> "FiltSelection":
-        return cls(float(threshold), math.inf)
-
-    @classmethod
-    def from_quantile(cls, energies: np.ndarray, indices: np.ndarray, filter_frac: float) -> "FiltSelection":
-        """Purify the top `filter_frac` share (rounded half up) of the ranked images."""
-        n = len(energies)
-        n_select = int(math.floor(filter_frac * n + 0.5))
-        n_keep = n - n_select
-        if n_keep == 0:
-            return cls(-math.inf, -math.inf)
-        order = np.lexsort((indices, energies))
-        boundary = order[n_keep - 1]
-        return cls(float(energies[boundary]), float(indices[boundary]))
-
-
 def _checked_stage_output(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """An earlier stage's fp32 result for the batch `x`, laid out as `x`; an error if it cannot be.
 
@@ -84,7 +55,7 @@ def _checked_stage_output(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     layout fixed by its shape: a 1-channel batch's strides once moved bf16 UNet outputs by 1e-3);
     the copy keeps the stage's result independent of the caller's tensor all the same."""
     if state.dtype != torch.float32 or tuple(state.shape) != tuple(x.shape):
-        raise ValueError(f"the EBM stage's output must be float32 of shape {tuple(x.shape)}, "
+        raise ValueError(f"the first stage's output must be float32 of shape {tuple(x.shape)}, "
                          f"got {state.dtype} {tuple(state.shape)}")
     return torch.empty_like(x).copy_(state)
 
@@ -98,39 +69,58 @@ def _change_audit(before: torch.Tensor, after: torch.Tensor) -> dict[str, np.nda
 
 
 class Purifier:
-    """One purification method with its evaluator (networks) and configuration."""
+    """One registered method (`algorithm`, with its config) and the backend evaluating its networks."""
 
     def __init__(
         self,
-        config: MethodConfig,
+        algorithm: Method,
         evaluator=None,
         *,
         device: str | torch.device = "cpu",
         provenance: dict | None = None,
+        models: dict | None = None,
     ):
-        self.config = config
+        self.algorithm = algorithm
         self.evaluator = evaluator
+        self.models = dict(models or {})  # kind -> torch module, for methods that use a network directly
         # Where the networks came from and how they run: part of a job's fingerprint.
         self.provenance = provenance or {}
         self.device = torch.device(device if evaluator is None else evaluator.device)
-        self.filt_selection: FiltSelection | None = None
-        if config.method == "filt" and config.filt.energy_threshold is not None:
-            self.filt_selection = FiltSelection.from_threshold(config.filt.energy_threshold)
-        if (config.needs_ebm or config.needs_ddpm) and evaluator is None:
-            raise ValueError(f"method {config.method!r} needs an evaluator with its networks")
+        # A prepass or fit method's dataset state: fixed by its config, given by the caller, or set by a
+        # whole-dataset route (`purify`, a pipeline job) for the duration of that dataset.
+        self.dataset_state: DatasetState | None = algorithm.given_state()
+        if algorithm.networks and evaluator is None:
+            raise ValueError(f"method {self.method!r} needs an evaluator with its networks")
 
     @property
     def method(self) -> str:
-        return self.config.method
+        return self.algorithm.name
+
+    @property
+    def config(self):
+        return self.algorithm.config
 
     @property
     def has_ebm(self) -> bool:
-        return self.evaluator is not None and getattr(self.evaluator, "ebm", None) is not None
+        return "ebm" in self.algorithm.networks and getattr(self.evaluator, "ebm", None) is not None
 
     @property
-    def needs_global_pass(self) -> bool:
-        """`filt` ranks all images by energy before purifying any."""
-        return self.method == "filt" and self.filt_selection is None
+    def needs_dataset_pass(self) -> bool:
+        """Whether the method must see the whole dataset (a prepass or a fit) before purifying any of it."""
+        return self.algorithm.scope != "batch" and self.dataset_state is None
+
+    def refuse_batch_route(self, route: str) -> None:
+        """The error for a route that sees batches only (a stream, workers, a loader) and cannot run the pass."""
+        if self.needs_dataset_pass:
+            what = "a prepass over every image" if self.algorithm.scope == "prepass" else "a fit on the whole input"
+            raise InputError(f"method {self.method!r} needs {what} before purifying; {route} sees one batch at a "
+                             f"time, so give its dataset state (" + self._state_hint() + ")")
+
+    def _state_hint(self) -> str:
+        options = _options(self.algorithm)
+        given = [f"{opt.flag(field)}: {opt.help}" for keyword, (field, opt) in options.items()
+                 if keyword in self.algorithm.state_options]
+        return "; ".join([*given, "or set Purifier.dataset_state to the state of a whole-dataset run"])
 
     def check_image_shape(self, height: int, width: int, channels: int, source: str = "input") -> None:
         """A clear error when the images do not fit the loaded networks."""
@@ -138,33 +128,25 @@ class Purifier:
             return
         for kind in self.provenance.get("defaults", []):
             check_default_fits(kind, height, width, channels, source)
-        for what, model in (("EBM", getattr(self.evaluator, "ebm", None)), ("DDPM", getattr(self.evaluator, "unet", None))):
+        for kind in self.algorithm.networks:
+            model = getattr(self.evaluator, kind, None)
             if model is None:
                 continue
             expected = model.config.in_channels
             if channels != expected:
                 raise InputError(
-                    f"{source}: images have {channels} channel(s), but the {what} checkpoint expects {expected}; "
-                    f"use a checkpoint trained on {channels}-channel images"
+                    f"{source}: images have {channels} channel(s), but the {NETWORKS[kind].what} checkpoint expects "
+                    f"{expected}; use a checkpoint trained on {channels}-channel images"
                 )
-        if self.method != "jpeg" and min(height, width) < 4:
+        if min(height, width) < self.algorithm.min_side:
             raise InputError(f"{source}: images of {height}x{width} are too small to purify")
 
     def network_steps(self) -> int:
         """Network evaluations per image, for progress reporting."""
-        c = self.config
+        return self.algorithm.network_evaluations()
 
-        def reverse(t_star: int) -> int:
-            return min(t_star, c.diffusion.reverse_steps or t_star)
-
-        return {
-            "ebm": c.langevin.steps,
-            "ddpm": reverse(c.diffusion.t_star),
-            "naive": c.langevin.steps + reverse(c.diffusion.t_star),
-            "reps": c.reps.reps * (c.reps.ebm_steps + reverse(c.reps.t_star)),
-            "filt": reverse(c.filt.t_star),
-            "jpeg": 1,
-        }[self.method]
+    def _context(self, key: NoiseKey, on_step=None, **extra) -> BatchContext:
+        return BatchContext(self.evaluator, key, on_step, state=self.dataset_state, models=self.models, **extra)
 
     # -- batch level ---------------------------------------------------------------------------
 
@@ -173,84 +155,74 @@ class Purifier:
         x = to_model_space(images_u8.to(self.device))
         return self.evaluator.energy(x).cpu().numpy().astype(np.float32)
 
+    def prepass_values(self, images_u8: torch.Tensor, key: NoiseKey) -> np.ndarray:
+        """A prepass method's value of each uint8 NHWC image."""
+        x = to_model_space(images_u8.to(self.device))
+        return self.algorithm.prepass(x, self._context(key.to(self.device)))
+
+    def state_from_prepass(self, values: np.ndarray, indices: np.ndarray) -> DatasetState:
+        return self.algorithm.state_from_prepass(values, indices)
+
+    def fit(self, images_u8: torch.Tensor, labels, key: NoiseKey) -> DatasetState:
+        if self.algorithm.needs_labels and labels is None:
+            raise InputError(f"method {self.method!r} needs labelled data")
+        return self.algorithm.fit(images_u8, labels, self._context(key))
+
+    def prepare_dataset(self, images_u8: torch.Tensor, labels, key: NoiseKey, batch_size: int = 64) -> DatasetState:
+        """The dataset state of a prepass or fit method over these images (whose noise key is `key`)."""
+        if self.algorithm.scope == "prepass":
+            values = np.concatenate([self.prepass_values(images_u8[s : s + batch_size], key.split(s, s + batch_size))
+                                     for s in range(0, images_u8.shape[0], batch_size)])
+            return self.state_from_prepass(values, key.indices.cpu().numpy())
+        return self.fit(images_u8, labels, key)
+
     def purify_batch(
         self,
         images_u8: torch.Tensor,
-        indices: torch.Tensor,
-        seed: int,
+        key: NoiseKey,
         progress: ProgressFn | None = None,
         *,
         keep_state: bool = False,
-        ebm_stage_output: torch.Tensor | None = None,
+        first_stage_output: torch.Tensor | None = None,
     ) -> PurifyResult:
-        """Purify uint8 NHWC `images_u8` whose global row indices are `indices`.
+        """Purify uint8 NHWC `images_u8` whose noise key (seed and global row indices) is `key`.
 
-        `keep_state` also returns the fp32 result before rounding (`PurifyResult.state`). For `naive`,
-        `ebm_stage_output` is that state from an `ebm` purifier with the same EBM, Langevin settings,
-        precision and micro-batch on the same rows and seed: the DDPM stage starts from it, which gives
-        the bytes of running both stages without the Langevin steps' cost.
+        `keep_state` also returns the fp32 result before rounding (`PurifyResult.state`). For a method
+        with a `first_stage`, `first_stage_output` is that state from a purifier of the first-stage
+        method with the same networks, options, precision and micro-batch on the same rows and seed:
+        the method starts from it, which gives the bytes of running every stage without the first's cost.
         """
-        if ebm_stage_output is not None and self.method != "naive":
-            raise ValueError(f"ebm_stage_output is for the naive method, not {self.method!r}")
-        if self.method == "jpeg":
-            out = _jpeg(images_u8.cpu(), self.config.jpeg.quality)
+        if not isinstance(key, NoiseKey):
+            raise TypeError(f"purify_batch takes a NoiseKey, got {type(key).__name__}")
+        if len(key) != images_u8.shape[0]:
+            raise InputError(f"the noise key has {len(key)} indices for {images_u8.shape[0]} images")
+        algorithm = self.algorithm
+        if first_stage_output is not None and algorithm.first_stage is None:
+            raise ValueError(f"method {self.method!r} has no first stage to start after")
+        if algorithm.pixels:
+            out = algorithm.purify_pixels(images_u8.cpu())
             if progress:
                 progress(len(images_u8))
             return PurifyResult(out.to(images_u8.device), _change_audit(images_u8.cpu(), out))
+        if self.needs_dataset_pass:
+            raise RuntimeError(f"method {self.method!r} needs its dataset state (a whole-dataset pass, or a given "
+                               f"state) before purifying a batch")
 
         images_u8 = images_u8.to(self.device)
-        indices = indices.to(torch.int64)
+        key = key.to(self.device)
         n = images_u8.shape[0]
         per_step = _StepProgress(progress, n, self.network_steps()) if progress else None
         x = to_model_space(images_u8)
-        audit: dict[str, np.ndarray] = {}
         energy_before = self.evaluator.energy(x).cpu().numpy() if self.has_ebm else None
-        c = self.config
-
-        if self.method == "ebm":
-            x = langevin(x, self.evaluator, c.langevin, indices=indices, seed=seed, on_step=per_step)
-        elif self.method == "ddpm":
-            x = diffuse_denoise(x, self.evaluator, c.diffusion, indices=indices, seed=seed, on_step=per_step)
-        elif self.method == "naive":
-            if ebm_stage_output is None:
-                x = langevin(x, self.evaluator, c.langevin, indices=indices, seed=seed, on_step=per_step)
-            else:
-                x = _checked_stage_output(ebm_stage_output, x)
-                if per_step is not None:
-                    per_step(c.langevin.steps)
-            x = diffuse_denoise(x, self.evaluator, c.diffusion, indices=indices, seed=seed, on_step=per_step)
-        elif self.method == "reps":
-            for r in range(c.reps.reps):
-                x = langevin(
-                    x, self.evaluator, c.langevin, steps=c.reps.ebm_steps, indices=indices, seed=seed,
-                    repetition=r, on_step=per_step,
-                )
-                x = diffuse_denoise(
-                    x, self.evaluator, c.diffusion, t_star=c.reps.t_star, indices=indices, seed=seed,
-                    repetition=r, on_step=per_step,
-                )
-        elif self.method == "filt":
-            if self.filt_selection is None:
-                raise RuntimeError("filt needs its energy selection (a global pass or --energy-threshold) first")
-            chosen = self.filt_selection.selects(energy_before, indices.cpu().numpy())
-            audit["filt_selected"] = chosen
-            if chosen.any():
-                sel = torch.from_numpy(np.flatnonzero(chosen)).to(self.device)
-                purified = diffuse_denoise(
-                    x[sel], self.evaluator, c.diffusion, t_star=c.filt.t_star, indices=indices[sel], seed=seed,
-                )
-                x = x.clone()
-                x[sel] = purified
-            if per_step is not None:
-                per_step(self.network_steps())
-        else:  # pragma: no cover - method names are validated by method_config
-            raise InputError(f"unknown method {self.method!r}")
-
+        stage = None if first_stage_output is None else _checked_stage_output(first_stage_output, x)
+        result = algorithm.purify(x, self._context(key, per_step, energy_before=energy_before,
+                                                   first_stage_output=stage))
+        x = result.x
         out = from_model_space(x)
-        if self.method == "filt":
-            # Unselected images pass through byte for byte.
-            keep = torch.from_numpy(~audit["filt_selected"]).to(out.device)
+        if result.unchanged is not None:
+            keep = torch.from_numpy(np.asarray(result.unchanged)).to(out.device)
             out[keep] = images_u8[keep]
+        audit = dict(result.audit)
         if energy_before is not None:
             audit["energy_before"] = energy_before.astype(np.float32)
             audit["energy_after"] = self.energies(out)
@@ -264,26 +236,27 @@ class Purifier:
 
         `indices` (the samples' global row indices) default to
         ``offset + arange(len(images))``; they key the noise, so the same image
-        at the same index gets the same bytes however it is batched.
+        at the same index gets the same bytes however it is batched. A method that
+        needs the whole dataset (a prepass or a fit) takes these images as the dataset,
+        unless its `dataset_state` is set.
         """
         x_model, restore = prepare_api_input(images)
         u8 = from_model_space(x_model)
         n = u8.shape[0]
         self.check_image_shape(*u8.shape[1:])
-        idx = _as_indices(indices, n, offset)
-        if self.needs_global_pass:
-            energies = np.concatenate([self.energies(u8[s : s + batch_size]) for s in range(0, n, batch_size)])
-            self.filt_selection = FiltSelection.from_quantile(energies, idx.numpy(), self.config.filt.filter_frac)
+        key = _noise_key(seed, indices, n, offset)
+        if self.needs_dataset_pass:
+            self.dataset_state = self.prepare_dataset(u8, None, key, batch_size)
             try:
-                out = self._purify_all(u8, idx, seed, batch_size)
+                out = self._purify_all(u8, key, batch_size)
             finally:
-                self.filt_selection = None
+                self.dataset_state = None  # the state belongs to these images, not to the purifier
         else:
-            out = self._purify_all(u8, idx, seed, batch_size)
+            out = self._purify_all(u8, key, batch_size)
         return restore(out)
 
-    def _purify_all(self, u8: torch.Tensor, idx: torch.Tensor, seed: int, batch_size: int) -> torch.Tensor:
-        parts = [self.purify_batch(u8[s : s + batch_size], idx[s : s + batch_size], seed).images
+    def _purify_all(self, u8: torch.Tensor, key: NoiseKey, batch_size: int) -> torch.Tensor:
+        parts = [self.purify_batch(u8[s : s + batch_size], key.split(s, s + batch_size)).images
                  for s in range(0, u8.shape[0], batch_size)]
         return torch.cat(parts, dim=0)
 
@@ -291,46 +264,31 @@ class Purifier:
         """Purify an iterable of batches (numpy arrays or torch tensors), yielding each result.
 
         Global indices keep counting across batches, so the output equals that
-        of one big `purify` call. `filt` needs an explicit energy threshold here.
+        of one big `purify` call. A method that needs the whole dataset needs its
+        dataset state given here (for `filt`, an explicit energy threshold).
         """
-        if self.needs_global_pass:
-            raise InputError("filt on a stream needs an explicit energy threshold (--energy-threshold)")
+        self.refuse_batch_route("a stream")
         position = offset
         for batch in batches:
             source = f"stream batch at index {position}"
             x_model, restore = prepare_api_input(batch, source=source)
             u8 = from_model_space(x_model)
             self.check_image_shape(*u8.shape[1:], source=source)
-            idx = torch.arange(position, position + u8.shape[0], dtype=torch.int64)
+            key = NoiseKey.rows(seed, position, position + u8.shape[0])
             position += u8.shape[0]
-            yield restore(self.purify_batch(u8, idx, seed).images)
+            yield restore(self.purify_batch(u8, key).images)
 
 
-def _as_indices(indices, n: int, offset: int) -> torch.Tensor:
+def _options(algorithm: Method) -> dict:
+    from ..methods.options import options_of
+
+    return options_of(type(algorithm.config))
+
+
+def _noise_key(seed, indices, n: int, offset: int) -> NoiseKey:
     if indices is None:
-        return torch.arange(offset, offset + n, dtype=torch.int64)
-    idx = torch.as_tensor(np.ascontiguousarray(indices), dtype=torch.int64).reshape(-1)
-    if idx.numel() != n:
-        raise InputError(f"indices has {idx.numel()} entries for {n} images")
-    if idx.numel() and int(idx.min()) < 0:
-        raise InputError("indices must be non-negative")
-    if torch.unique(idx).numel() != n:
-        raise InputError("indices must be distinct: each names one sample's noise")
-    return idx
-
-
-def _jpeg(images_u8: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG re-compression of each uint8 NHWC image at `quality` (PIL, 4:2:0 defaults)."""
-    from PIL import Image
-
-    arr = images_u8.numpy()
-    out = np.empty_like(arr)
-    for i, img in enumerate(arr):
-        grey = img.shape[-1] == 1
-        pil = Image.fromarray(img[..., 0] if grey else img, mode="L" if grey else "RGB")
-        buf = io.BytesIO()
-        pil.save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        dec = np.asarray(Image.open(buf).convert("L" if grey else "RGB"))
-        out[i] = dec[..., None] if grey else dec
-    return torch.from_numpy(out)
+        return NoiseKey.rows(seed, offset, offset + n)
+    key = NoiseKey.of(seed, indices)
+    if len(key) != n:
+        raise InputError(f"indices has {len(key)} entries for {n} images")
+    return key

@@ -10,16 +10,49 @@ Triton on CUDA, the torch reference otherwise).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
-from ..config import DiffusionConfig, LangevinConfig
 from ..kernels import philox
 from ..kernels.dispatch import kernels_for
+from .noise_key import NoiseKey
 from .schedule import DDPMSchedule
 
 StepCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LangevinConfig:
+    """One EBM Langevin stage (published PureGen values: 150 steps, eps 1.25e-2, temperature 1e-4)."""
+
+    steps: int = 150
+    eps: float = 1.25e-2
+    temp: float = 1e-4
+
+    @property
+    def drift(self) -> float:
+        """The fp32 factor on grad_x G: eps^2 / (2 temp)."""
+        return self.eps**2 / (2.0 * self.temp)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """One DDPM diffuse-then-denoise stage (published: t* = 75 of a linear 1e-4 .. 0.02, 1000-step schedule)."""
+
+    t_star: int = 75
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_train_timesteps: int = 1000
+    clip_x0: bool = True
+    # Reverse steps actually run, spread evenly over the t* trained timesteps (respacing, as in
+    # improved-diffusion); None runs all t*. Fewer steps trade fidelity for speed at the same noise level.
+    reverse_steps: int | None = None
+
+    @property
+    def network_evaluations(self) -> int:
+        return min(self.t_star, self.reverse_steps or self.t_star)
 
 
 class Evaluator(Protocol):
@@ -34,8 +67,7 @@ def langevin(
     cfg: LangevinConfig,
     *,
     steps: int | None = None,
-    indices: torch.Tensor,
-    seed: int,
+    key: NoiseKey,
     repetition: int = 0,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
@@ -46,7 +78,7 @@ def langevin(
     for step in range(cfg.steps if steps is None else steps):
         grad = evaluator.energy_grad(x)
         x = kernels.langevin_update(
-            x, grad, drift=cfg.drift, noise_scale=cfg.eps, indices=indices, seed=seed, stream=stream, step=step
+            x, grad, drift=cfg.drift, noise_scale=cfg.eps, indices=key.indices, seed=key.seed, stream=stream, step=step
         )
         if on_step is not None:
             on_step(1)
@@ -59,8 +91,7 @@ def diffuse_denoise(
     cfg: DiffusionConfig,
     *,
     t_star: int | None = None,
-    indices: torch.Tensor,
-    seed: int,
+    key: NoiseKey,
     repetition: int = 0,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
@@ -73,8 +104,8 @@ def diffuse_denoise(
         x0.to(torch.float32),
         sqrt_alpha_bar=sqrt_abar,
         sqrt_one_minus_alpha_bar=sqrt_one_minus,
-        indices=indices,
-        seed=seed,
+        indices=key.indices,
+        seed=key.seed,
         stream=philox.stage_stream(philox.STREAM_DDPM_FORWARD, repetition),
     )
     reverse_stream = philox.stage_stream(philox.STREAM_DDPM_REVERSE, repetition)
@@ -89,8 +120,8 @@ def diffuse_denoise(
             eps,
             t=t if t_prev >= 0 else 0,
             coefs=schedule.reverse_coefficients(t, t_prev),
-            indices=indices,
-            seed=seed,
+            indices=key.indices,
+            seed=key.seed,
             stream=reverse_stream,
             clip_x0=cfg.clip_x0,
         )

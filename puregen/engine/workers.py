@@ -63,11 +63,11 @@ def purify_in_workers(method: str, images_u8: np.ndarray, *, seed: int = 0, work
         raise InputError("purify_in_workers takes uint8 NHWC numpy images")
     options = {**load_options, "threads": threads_per_worker}
     # Load once here: bad options or checkpoints fail in this process with the usual clear error, and
-    # filt's global ranking, which a split job cannot do, is refused before any worker starts.
+    # a method that needs the whole dataset first (a prepass or a fit), which a split job cannot do, is refused
+    # before any worker starts.
     with keep_thread_count():
         probe = load_purifier(method, **options)
-    if probe.needs_global_pass:
-        raise InputError("filt ranks all images by energy; in workers it needs an explicit energy threshold")
+    probe.refuse_batch_route("purification in worker processes")
     out = np.empty_like(images_u8)
     bar = image_progress_bar(len(images_u8), desc, progress)
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool in an undefined state.

@@ -6,13 +6,15 @@ set is the defended base set with the defended poison rows put in place:
 the 10,000 base images are purified once per defense, and each attack adds
 only its poisons. Both are cached under `OUT/defended/`.
 
-`naive` starts from the fp32 states that the `ebm` defense keeps beside its
-cache (`*-ebm-state.npz`), when that defense ran first with the same EBM and
-settings: its first stage is exactly that pass, so only the DDPM stage runs.
+A method with a `first_stage` (`naive`, whose first stage is `ebm`) starts
+from the fp32 states that the first stage's defense keeps beside its cache
+(`*-ebm-state.npz`), when that defense ran first with the same networks and
+settings: only the later stages run.
 
-`filt` is the one exception to "on its own": its energy threshold is the
-quantile over the whole set; it is taken from the clean base set and then
-applied unchanged to the poisons (a few poisons barely move a quantile).
+A method that needs the whole dataset (`filt`, whose energy threshold is the
+quantile over the whole set) is the one exception to "on its own": its
+dataset state is taken from the clean base set and then applied unchanged to
+the poisons (a few poisons barely move a quantile).
 FrieNDs computes its friendly noise with a model pre-trained on the clean
 base set, for the base rows and the poisons alike (the published defense
 pre-trains on the poisoned set; at 1% poisons the two are nearly the same
@@ -33,13 +35,17 @@ import torch
 from ..data import read_dataset, to_model_space
 from ..data.atomic import write_npz_atomic
 from ..engine.factory import load_purifier
+from ..engine.noise_key import NoiseKey
 from ..engine.pipeline import config_fingerprint, image_progress_bar
-from ..engine.purifiers import FiltSelection
 from ..errors import InputError
+from ..methods import registry
+from ..methods.options import options_of
 from ..training.classifier import train_classifier
 from .scales import ScaleData, ScaleSettings
 
-PURIFIER_METHODS = ("ebm", "ddpm", "naive", "reps", "filt")
+def purifier_methods() -> tuple[str, ...]:
+    """The registered methods that run networks (JPEG is its own defense, `jpeg-Q`)."""
+    return tuple(m.name for m in registry.all_methods() if m.networks)
 
 
 @dataclass(frozen=True)
@@ -50,20 +56,21 @@ class DefenseSpec:
     quality: int | None = None
 
     def label(self) -> str:
-        return {"none": "None", "friends": "FrieNDs", "ebm": "PureGen-EBM", "ddpm": "PureGen-DDPM",
-                "naive": "PureGen-Naive", "reps": "PureGen-Reps", "filt": "PureGen-Filt"}.get(
+        if self.kind == "purifier":
+            return registry.get(self.method).label or self.name
+        return {"none": "None", "friends": "FrieNDs"}.get(
             self.name, f"JPEG q{self.quality}" if self.kind == "jpeg" else self.name)
 
 
 def defense_spec(name: str) -> DefenseSpec:
     if name in ("none", "friends"):
         return DefenseSpec(name, name)
-    if name in PURIFIER_METHODS:
+    if name in purifier_methods():
         return DefenseSpec(name, "purifier", name)
     if name.startswith("jpeg-") and name[5:].isdigit() and 1 <= int(name[5:]) <= 100:
         return DefenseSpec(name, "jpeg", "jpeg", int(name[5:]))
     raise InputError(f"unknown defense {name!r}; choose none, jpeg-Q (Q in 1..100), friends, "
-                     f"{', '.join(PURIFIER_METHODS)}")
+                     f"{', '.join(purifier_methods())}")
 
 
 def default_defenses(settings: ScaleSettings, full: bool) -> tuple[str, ...]:
@@ -115,26 +122,20 @@ class PreparedDefense:
             config["classifier"] = ctx.settings.classifier.to_dict()
         self.key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.folder = ctx.out / "defended" / f"{spec.name}-{self.key}"
-        # naive's first stage is the ebm defense's whole pass (same EBM, settings and seed, hence the same
-        # folder key): where that defense ran first, naive starts from the fp32 states it kept.
-        self.ebm_stage_folder = PreparedDefense(defense_spec("ebm"), ctx).folder if spec.method == "naive" else None
+        # A first stage (naive's is ebm) is that defense's whole pass (same networks, settings and seed, hence
+        # the same folder key): where that defense ran first, this one starts from the fp32 states it kept.
+        method = registry.get(spec.method) if spec.kind == "purifier" else None
+        first = method.first_stage if method is not None else None
+        self.first_stage_folder = PreparedDefense(defense_spec(first), ctx).folder if first else None
+        self.keeps_states = method is not None and any(m.first_stage == method.name for m in registry.all_methods())
 
     def _load_purifier(self):
         s, c = self.ctx.settings, self.ctx
         if self.spec.kind == "jpeg":
             return load_purifier("jpeg", jpeg_quality=self.spec.quality, threads=c.threads)
-        method = self.spec.method
-        overrides = {}
-        if method in ("ebm", "naive"):
-            overrides["steps"] = s.ebm_steps
-        if method in ("ddpm", "naive"):
-            overrides["t_star"] = s.ddpm_t_star
-        if s.ddpm_reverse_steps is not None and method != "ebm":
-            overrides["reverse_steps"] = s.ddpm_reverse_steps
-        if c.smoke and method in ("reps", "filt"):
-            overrides.update(steps=2, t_star=4)
-        return load_purifier(method, ebm=c.checkpoints.ebm, ddpm=c.checkpoints.ddpm, precision=s.precision,
-                             micro_batch=s.micro_batch, threads=c.threads, **overrides)
+        method = registry.get(self.spec.method)
+        return load_purifier(method.name, ebm=c.checkpoints.ebm, ddpm=c.checkpoints.ddpm, precision=s.precision,
+                             micro_batch=s.micro_batch, threads=c.threads, **stage_settings(method, s, c.smoke))
 
     # -- the transforms --------------------------------------------------------------------------
 
@@ -146,15 +147,16 @@ class PreparedDefense:
 
             return friendly_noise(self._friends_model(), images, self.friends, progress=self.ctx.progress)
         run = dict(seed=self.ctx.seed, desc=desc, progress=self.ctx.progress)
-        if self.spec.method == "ebm":
+        if self.keeps_states:
             out, states = purify_rows(self.purifier, images, indices, keep_state=True, **run)
-            write_npz_atomic(ebm_state_path(cache), x=states)
+            write_npz_atomic(stage_state_path(cache, self.spec.method), x=states)
             return out
-        if self.ebm_stage_folder is not None:
-            states = _read_ebm_states(self.ebm_stage_folder / ebm_state_path(cache).name, len(images))
+        if self.first_stage_folder is not None:
+            first = registry.get(self.spec.method).first_stage
+            states = _read_stage_states(self.first_stage_folder / stage_state_path(cache, first).name, len(images))
             if states is not None:
-                return purify_rows(self.purifier, images, indices, ebm_stage_output=states,
-                                   **{**run, "desc": desc + " from the EBM's states"})
+                return purify_rows(self.purifier, images, indices, first_stage_output=states,
+                                   **{**run, "desc": desc + f" from the {first} states"})
         return purify_rows(self.purifier, images, indices, **run)
 
     def _friends_model(self):
@@ -182,39 +184,62 @@ class PreparedDefense:
         indices = np.arange(len(d.base_images))
         if self.purifier is not None:
             self.purifier.check_image_shape(*d.base_images.shape[1:], source=f"{d.name}-scale base set")
-        if self.spec.method == "filt" and self.purifier.filt_selection is None:
-            self._select_for_filt()
+        if self.purifier is not None and self.purifier.needs_dataset_pass:
+            self._prepare_dataset()
         return self._cached(self.folder / "base.npz", d.base_images, indices, f"{self.spec.name} [base set]")
 
     def rows(self, images: np.ndarray, indices: np.ndarray, name: str) -> np.ndarray:
-        if self.spec.method == "filt" and self.purifier.filt_selection is None:
-            self._select_for_filt()
+        if self.purifier is not None and self.purifier.needs_dataset_pass:
+            self._prepare_dataset()
         digest = hashlib.sha256(images.tobytes() + np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
         return self._cached(self.folder / f"rows-{digest}.npz", images, indices, f"{self.spec.name} [{name}]")
 
-    def _select_for_filt(self) -> None:
+    def _prepare_dataset(self) -> None:
+        """The dataset state (filt: the energy quantile) from the clean base set, kept for the poisons too."""
         d = self.ctx.data
-        energies = np.concatenate([self.purifier.energies(torch.from_numpy(d.base_images[s : s + 256]))
-                                   for s in range(0, len(d.base_images), 256)])
-        self.purifier.filt_selection = FiltSelection.from_quantile(
-            energies, np.arange(len(energies)), self.purifier.config.filt.filter_frac)
+        base = torch.from_numpy(d.base_images)
+        labels = torch.from_numpy(np.asarray(d.base_labels, np.int64))
+        self.purifier.dataset_state = self.purifier.prepare_dataset(
+            base, labels, NoiseKey.rows(self.ctx.seed, 0, len(base)), batch_size=256)
+
+
+def stage_settings(method, settings: ScaleSettings, smoke: bool) -> dict:
+    """The scale's Langevin steps, t* and reverse steps, for the options `method` has.
+
+    A value the method's own paper preset sets (reps' 10 steps and t* = 50, filt's t* = 125) is the
+    method's and stays; smoke runs shrink those to 2 steps and t* = 4.
+    """
+    options = options_of(method.Config)
+    own = method.presets.get("paper", {})
+    scale = {"steps": settings.ebm_steps, "t_star": settings.ddpm_t_star, "reverse_steps": settings.ddpm_reverse_steps}
+    smallest = {"steps": 2, "t_star": 4}
+    out = {}
+    for name, value in scale.items():
+        if name not in options:
+            continue
+        if name in own:
+            if smoke and name in smallest:
+                out[name] = smallest[name]
+        elif value is not None:
+            out[name] = value
+    return out
 
 
 def purify_rows(purifier, images: np.ndarray, indices: np.ndarray, *, seed: int, desc: str, progress: bool,
-                batch_size: int = 64, keep_state: bool = False, ebm_stage_output: np.ndarray | None = None):
+                batch_size: int = 64, keep_state: bool = False, first_stage_output: np.ndarray | None = None):
     """Purify uint8 NHWC rows whose base-set row numbers are `indices`, with a progress bar.
 
     Returns the purified rows; with `keep_state`, also their fp32 states before rounding (N, C, H, W).
-    `ebm_stage_output`: such states of an `ebm` pass over the same rows, for `naive` to start from.
+    `first_stage_output`: such states of the method's first stage over the same rows, to start from.
     """
     bar = image_progress_bar(len(images), desc, progress)
     parts, states = [], []
     for s in range(0, len(images), batch_size):
-        # purify_batch, not purify: `filt` must keep the selection set from the base set, not re-rank each call.
+        # purify_batch, not purify: a dataset state (filt's) must stay the base set's, not be re-taken each call.
         batch = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size]))
-        rows = torch.as_tensor(np.asarray(indices[s : s + batch_size], dtype=np.int64))
-        stage = None if ebm_stage_output is None else torch.from_numpy(ebm_stage_output[s : s + batch_size])
-        res = purifier.purify_batch(batch, rows, seed, keep_state=keep_state, ebm_stage_output=stage)
+        key = NoiseKey.of(seed, np.asarray(indices[s : s + batch_size], dtype=np.int64))
+        stage = None if first_stage_output is None else torch.from_numpy(first_stage_output[s : s + batch_size])
+        res = purifier.purify_batch(batch, key, keep_state=keep_state, first_stage_output=stage)
         parts.append(res.images.cpu().numpy())
         if keep_state:
             states.append(res.state.cpu().numpy())
@@ -228,13 +253,13 @@ def purify_rows(purifier, images: np.ndarray, indices: np.ndarray, *, seed: int,
     return out, (np.concatenate(states) if states else np.zeros((0,), np.float32))
 
 
-def ebm_state_path(cache: Path) -> Path:
-    """Where the ebm defense keeps the fp32 states behind the cached rows `cache` (for naive to reuse)."""
-    return cache.with_name(cache.stem + "-ebm-state.npz")
+def stage_state_path(cache: Path, method: str) -> Path:
+    """Where `method`'s defense keeps the fp32 states behind the cached rows `cache` (for a later stage to reuse)."""
+    return cache.with_name(cache.stem + f"-{method}-state.npz")
 
 
-def _read_ebm_states(path: Path, rows: int) -> np.ndarray | None:
-    """The ebm defense's fp32 states for `rows` images, or None where there are none to reuse."""
+def _read_stage_states(path: Path, rows: int) -> np.ndarray | None:
+    """A first stage's fp32 states for `rows` images, or None where there are none to reuse."""
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as f:

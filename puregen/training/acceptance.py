@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..config import LangevinConfig
+from ..engine.samplers import LangevinConfig
 from ..engine.evaluator import TorchEvaluator
 from ..engine.schedule import DDPMSchedule
 from ..kernels import philox
