@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..engine.evaluator import PRECISIONS
-from ..engine.pipeline import log_to_stderr
+from ..engine.progress import log_to_stderr
 from . import EXIT_OK
 
 
@@ -38,8 +38,7 @@ def _cmd_bench(args) -> int:
     from pathlib import Path
 
     from ..bench.throughput import format_summary, run_bench
-    from ..engine.pipeline import write_json_atomic
-
+    from ..data.atomic import write_json_atomic
     from ..export.commands import int_list
 
     summaries = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..config import METHODS, PRESETS, check_options_apply
 from ..engine.evaluator import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
-from ..engine.pipeline import DEFAULT_CHUNK_SIZE, log_to_stderr
+from ..engine.pipeline import DEFAULT_CHUNK_SIZE
+from ..engine.progress import log_to_stderr
 from ..errors import InputError
 from . import EXIT_OK
 

@@ -33,7 +33,8 @@ import torch
 from ..data import read_dataset, to_model_space
 from ..data.atomic import write_npz_atomic
 from ..engine.factory import load_purifier
-from ..engine.pipeline import config_fingerprint, image_progress_bar
+from ..engine.pipeline import config_fingerprint
+from ..engine.progress import image_progress_bar
 from ..engine.purifiers import FiltSelection
 from ..errors import InputError
 from ..training.classifier import train_classifier
