@@ -4,12 +4,14 @@ Everything is first written to a hidden temporary sibling (same directory,
 hence same file system) and then moved into place with ``os.replace``.  A
 crash at any point leaves either the old output or the new one, never a
 half-written file, and an existing output is only replaced once the new one
-is complete.  Leftover temporaries are named ``.<name>.<random>.tmp``.
+is complete.  Leftover temporaries are named ``.<name>.<random>.tmp`` (JSON files:
+``.<name>.tmp-<pid>``); a job's orphan sweep (engine.job_folder) knows both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +22,7 @@ import numpy as np
 
 from puregen.errors import InputError
 
-__all__ = ["atomic_write_file", "atomic_directory", "write_npz_atomic"]
+__all__ = ["atomic_write_file", "atomic_directory", "write_npz_atomic", "write_json_atomic"]
 
 
 def _current_umask() -> int:
@@ -150,3 +152,19 @@ def write_npz_atomic(path: str | os.PathLike, /, **arrays) -> Path:
     with atomic_write_file(path) as f:
         np.savez(f, **clean)
     return path
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` as indented JSON with sorted keys, fsynced, then renamed into place."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise InputError(f"{path}: cannot write: {e.strerror or e}") from None

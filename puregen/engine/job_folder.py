@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.atomic import write_json_atomic
 from ..data.output_target import OutputTarget, output_digest
 from ..errors import InputError
 
@@ -58,21 +59,6 @@ class JobPaths:
     def dataset_state(self) -> Path:
         """A fit method's fitted state (JSON, with its tensors in a safetensors file beside it)."""
         return self.parts / "dataset-state.json"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise InputError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 def read_manifest(path: Path) -> dict:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import queue
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,17 +26,18 @@ import numpy as np
 import torch
 
 from ..data import ImageDataset, read_dataset, write_dataset
+from ..data.atomic import write_json_atomic, write_npz_atomic
 from ..data.output_target import OutputTarget, output_digest, output_format, overlaps, plan_output, resolved
 from ..data.idx import check_idx_dataset
 from ..data.npz_io import stored_label_dtype
-from ..data.writers import write_npz_atomic
 from ..errors import InputError
 from .job_folder import (
     MANIFEST_VERSION, JobPaths, clear_for_new_job, create_parts, decide, file_sha256, job_key, key_array,
-    load_chunk, locked, read_manifest, remove_orphans, write_json_atomic,
+    load_chunk, locked, read_manifest, remove_orphans,
 )
 from ..methods.state_io import load_state, save_state
 from .noise_key import NoiseKey, check_seed
+from .progress import image_progress_bar, log_to_stderr
 from .provenance import run_provenance
 from .purifiers import Purifier
 
@@ -137,17 +137,6 @@ class _Writer:
             raise self._error
 
 
-def image_progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
-
-
-def log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _check_job_options(seed, batch_size: int, chunk_size: int, limit: int | None, resume: bool, overwrite: bool):

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InputError
 from .factory import load_purifier
-from .pipeline import image_progress_bar
+from .progress import image_progress_bar
 
 _worker_purifier = None  # set in each worker process by _init_worker
 

@@ -36,7 +36,8 @@ from ..data import read_dataset, to_model_space
 from ..data.atomic import write_npz_atomic
 from ..engine.factory import load_purifier
 from ..engine.noise_key import NoiseKey
-from ..engine.pipeline import config_fingerprint, image_progress_bar
+from ..engine.pipeline import config_fingerprint
+from ..engine.progress import image_progress_bar
 from ..errors import InputError
 from ..methods import registry
 from ..methods.options import options_of

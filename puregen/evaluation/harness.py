@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data import to_model_space
-from ..engine.pipeline import image_progress_bar
+from ..engine.progress import image_progress_bar
 from ..engine.purifiers import Purifier
 from ..training.classifier import ClassifierRecipe, predict, train_classifier
 from .triggers import Trigger

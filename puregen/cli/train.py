@@ -1,0 +1,101 @@
+"""`puregen train`: train an EBM, a DDPM or a classifier."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import InputError
+from . import EXIT_OK
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an EBM, a DDPM or a classifier (resumable; the run folder is a checkpoint)",
+        description="Train a model on a dataset. The run folder holds config.json + model.safetensors "
+        "(an EBM or DDPM loads with --ebm/--ddpm) and the training state; --resume continues exactly where it "
+        "stopped. Classifiers (small CNN or CIFAR ResNet-18) need labelled data.",
+    )
+    p.add_argument("kind", choices=("ebm", "ddpm", "classifier"))
+    p.add_argument("data", help="training dataset (any format `puregen purify` reads)")
+    p.add_argument("-o", "--output", required=True, help="run folder (checkpoint) to write")
+    p.add_argument("--preset", default="small", choices=("small", "tiny", "paper"),
+                   help="recipe: small (CPU, Fashion-MNIST), tiny (tests), paper (published, a GPU job)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--langevin-steps", type=int, help="EBM: Langevin steps per update")
+    p.add_argument("--ema-decay", type=float,
+                   help="EBM: keep an exponential moving average of the weights (e.g. 0.999) and save it "
+                   "as the run's model (default: none)")
+    p.add_argument("--epochs", type=int, help="classifier: epochs (default: the preset's)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32); "
+                   "auto: bf16 where the CPU computes it natively, else fp32. Fixed when the run starts and kept "
+                   "on --resume (default: the preset's; auto for the small EBM, else fp32)")
+    p.add_argument("--limit", type=int, help="use the first N training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep-every", type=int, metavar="N",
+                   help="EBM: also keep the model every N steps in OUTPUT.snapshots/step-N (with --ema-decay, "
+                   "the raw weights too), e.g. to rank them with scripts/rank_ebm_checkpoints.py")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+
+# The recipe options that only some kinds of training have.
+TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "ema_decay", "precision"}, "ddpm": {"steps", "precision"},
+                 "classifier": {"epochs", "precision"}}
+
+
+def _cmd_train(args) -> int:
+    import dataclasses
+
+    from ..engine.factory import pin_threads
+    from ..training.loop import load_training_data
+
+    if args.checkpoint_every < 1:
+        raise InputError(f"--checkpoint-every must be a positive number of steps, got {args.checkpoint_every}")
+    pin_threads(args.threads)
+    data = load_training_data(args.data, limit=args.limit)
+    channels = data.images.shape[1]
+    changes = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    specific = {"steps": args.steps, "langevin_steps": args.langevin_steps, "ema_decay": args.ema_decay,
+                "epochs": args.epochs, "precision": args.precision}
+    for name, value in specific.items():
+        if value is None:
+            continue
+        if name not in TRAIN_OPTIONS[args.kind]:
+            raise InputError(f"--{name.replace('_', '-')} does not apply to {args.kind} training")
+        changes[name] = value
+    if args.kind == "ebm":
+        from ..training.ebm import EBMRecipe, train_ebm
+
+        recipe, train = EBMRecipe.preset(args.preset, in_channels=channels), train_ebm
+    elif args.kind == "ddpm":
+        from ..training.ddpm import DDPMRecipe, train_ddpm
+
+        recipe = DDPMRecipe.preset(args.preset, in_channels=channels, sample_size=data.images.shape[-1])
+        train = train_ddpm
+    else:
+        from ..training.classifier import ClassifierRecipe, train_classifier_run
+
+        recipe, train = ClassifierRecipe.preset(args.preset), train_classifier_run
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
+    kept = {}
+    if args.keep_every is not None:
+        if args.kind != "ebm":
+            raise InputError(f"--keep-every does not apply to {args.kind} training")
+        kept["keep_every"] = args.keep_every
+    from ..training.loop import TrainingInterrupted
+
+    try:
+        result = train(data, args.output, recipe, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                       progress=not args.no_progress, **kept)
+    except TrainingInterrupted as e:  # the checkpoint is written: say where, exit 130 (SIGINT) or 143 (SIGTERM)
+        print(f"puregen: {e}; rerun with --resume to continue", file=sys.stderr)
+        return e.exit_code
+    print(f"trained {args.kind} to step {result['step']} in {result['precision']}; checkpoint in {result['run_dir']}")
+    return EXIT_OK
