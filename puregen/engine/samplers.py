@@ -94,12 +94,16 @@ def diffuse_denoise(
     key: NoiseKey,
     repetition: int = 0,
     on_step: StepCallback | None = None,
+    kernels=None,
 ) -> torch.Tensor:
-    """Noise to index t*-1, then run the ancestral reverse steps t*-1 .. 0 (all t*, or `cfg.reverse_steps` of them)."""
+    """Noise to index t*-1, then run the ancestral reverse steps t*-1 .. 0 (all t*, or `cfg.reverse_steps` of them).
+
+    `kernels`: the update steps' implementation (default: the device's fused kernels; the torch reference
+    for a path that gradients flow through)."""
     schedule = DDPMSchedule(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
     t_star = cfg.t_star if t_star is None else t_star
     sqrt_abar, sqrt_one_minus = schedule.forward_coefficients(t_star)
-    kernels = kernels_for(x0.device)
+    kernels = kernels_for(x0.device) if kernels is None else kernels
     x = kernels.ddpm_forward_noise(
         x0.to(torch.float32),
         sqrt_alpha_bar=sqrt_abar,
@@ -128,3 +132,22 @@ def diffuse_denoise(
         if on_step is not None:
             on_step(1)
     return x
+
+
+class DifferentiableEpsilon:
+    """The UNet's noise prediction with autograd on: fp32, eager, on the whole batch.
+
+    For `diffuse_denoise(..., kernels=reference)` as a function of its input that gradients flow
+    through (test-time attacks differentiate through the purification). Sides the UNet cannot take
+    are reflect-padded, as the backends do.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        multiple = self.unet.pad_multiple
+        h, w = x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
+        timesteps = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        return self.unet(padded, timesteps).float()[..., :h, :w]

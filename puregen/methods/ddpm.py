@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.samplers import diffuse_denoise
-from ..kernels import philox
+from ..engine.samplers import DifferentiableEpsilon, diffuse_denoise
+from ..kernels import philox, reference
 from .base import BatchContext, Method, MethodOutput
 from .registry import register
 from .stages import DiffusionOptions
@@ -25,6 +25,7 @@ class DDPMDiffuseDenoise(Method):
     presets = {"tiny": {"t_star": 20}}
     networks = ("unet",)
     noise_streams = (philox.STREAM_DDPM_FORWARD, philox.STREAM_DDPM_REVERSE)
+    differentiable = True
 
     def network_evaluations(self) -> int:
         return self.config.diffusion().network_evaluations
@@ -32,3 +33,9 @@ class DDPMDiffuseDenoise(Method):
     def purify(self, x, ctx: BatchContext) -> MethodOutput:
         return MethodOutput(diffuse_denoise(x, ctx.networks, self.config.diffusion(), key=ctx.key,
                                             on_step=ctx.on_step))
+
+    def purify_differentiable(self, x, ctx: BatchContext):
+        """The same dynamics on the torch reference steps and the fp32 UNet, with autograd: for an attack that
+        differentiates through the purification (a fresh noise key per call gives a fresh sample of it)."""
+        unet = DifferentiableEpsilon(ctx.networks.unet)
+        return diffuse_denoise(x, unet, self.config.diffusion(), key=ctx.key, kernels=reference)
