@@ -167,7 +167,7 @@ def test_naive_starts_from_the_ebm_defenses_states_and_gives_the_same_bytes(tmp_
     """naive = EBM then DDPM: after the ebm defense ran, naive runs only its DDPM stage, with the same result."""
     import torch
 
-    import puregen.methods.naive as naive_module
+    import puregen.methods.builtin.naive as naive_module
     from puregen.engine.noise_key import NoiseKey
     from puregen.evaluation.defending import Checkpoints, DefenseContext, PreparedDefense, defense_spec
     from puregen.evaluation.scales import ScaleData, smoke_settings, small_settings

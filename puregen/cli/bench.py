@@ -15,7 +15,10 @@ def add_parser(sub) -> None:
         "reference, plain bf16 autocast + channels_last eager, and the fast path asked for) and prints images/s, "
         "counted FLOP/s, the fraction of a 3x3-convolution ceiling measured in the same run, and the ratios.",
     )
-    p.add_argument("--method", required=True, choices=("ebm", "ddpm"))
+    from ..methods.registry import all_methods
+
+    # The bench times one network's steps: the methods that run exactly one network.
+    p.add_argument("--method", required=True, choices=[m.name for m in all_methods() if len(m.networks) == 1])
     p.add_argument("--preset", default="paper", choices=("paper", "shipped"),
                    help="paper: the published architecture (random weights), 32x32x3; shipped: the Fashion-MNIST "
                    "default model, 28x28x1")

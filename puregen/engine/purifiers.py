@@ -20,6 +20,7 @@ from ..data.convert import from_model_space, prepare_api_input, to_model_space
 from ..errors import InputError
 from ..methods.base import BatchContext, DatasetState, Method
 from ..methods.networks import NETWORKS
+from ..methods.options import options_of
 from ..models.defaults import check_default_fits
 from .noise_key import NoiseKey
 
@@ -117,7 +118,7 @@ class Purifier:
                              f"time, so give its dataset state (" + self._state_hint() + ")")
 
     def _state_hint(self) -> str:
-        options = _options(self.algorithm)
+        options = options_of(type(self.algorithm.config))
         given = [f"{opt.flag(field)}: {opt.help}" for keyword, (field, opt) in options.items()
                  if keyword in self.algorithm.state_options]
         return "; ".join([*given, "or set Purifier.dataset_state to the state of a whole-dataset run"])
@@ -287,12 +288,6 @@ class Purifier:
             key = NoiseKey.rows(seed, position, position + u8.shape[0])
             position += u8.shape[0]
             yield restore(self.purify_batch(u8, key).images)
-
-
-def _options(algorithm: Method) -> dict:
-    from ..methods.options import options_of
-
-    return options_of(type(algorithm.config))
 
 
 def _noise_key(seed, indices, n: int, offset: int) -> NoiseKey:

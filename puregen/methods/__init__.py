@@ -1,4 +1,4 @@
-"""Purification methods: one module per method, each registered by name.
+"""Purification methods: one module per method (the built-in ones in `builtin/`), each registered by name.
 
 `puregen.methods.base.Method` is the interface; `registry` looks methods up
 (built-in ones, those registered with `register`, and those of installed

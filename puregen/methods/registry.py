@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 import re
 import threading
 from importlib.metadata import entry_points
@@ -22,7 +23,10 @@ from .base import SCOPES, Method
 from .options import MethodConfig, options_of
 
 ENTRY_POINT_GROUP = "puregen.methods"
-BUILT_IN = ("ebm", "ddpm", "naive", "reps", "filt", "jpeg")  # modules of puregen.methods, in --help order
+BUILT_IN_PACKAGE = f"{__package__}.builtin"  # every module in it is a method (or several)
+# The order `--help` and `--method` list the built-in methods in: the PureGen paper's. A module this
+# does not name comes after these, by name.
+LISTING_ORDER = ("ebm", "ddpm", "naive", "reps", "filt", "jpeg")
 
 # Keywords the purifier's loader and the job already take: a method option of one of these names would be
 # shadowed on the command line and in the API.
@@ -81,8 +85,12 @@ def _ensure_loaded() -> None:
         if _loaded:
             return
         _loaded = True
-        for module in BUILT_IN:
-            importlib.import_module(f"{__package__}.{module}")
+        package = importlib.import_module(BUILT_IN_PACKAGE)
+        modules = sorted((m.name for m in pkgutil.iter_modules(package.__path__)),
+                         key=lambda name: (LISTING_ORDER.index(name) if name in LISTING_ORDER else len(LISTING_ORDER),
+                                           name))
+        for module in modules:
+            importlib.import_module(f"{BUILT_IN_PACKAGE}.{module}")
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 method = ep.load()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.samplers import DifferentiableEpsilon, diffuse_denoise
-from ..kernels import philox, reference
-from .base import BatchContext, Method, MethodOutput
-from .registry import register
-from .stages import DiffusionOptions
+from ...engine.samplers import DifferentiableEpsilon, diffuse_denoise
+from ...kernels import philox, reference
+from ..base import BatchContext, Method, MethodOutput
+from ..registry import register
+from ..stages import DiffusionOptions
 
 
 @dataclass(frozen=True)

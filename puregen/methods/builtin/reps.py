@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.samplers import diffuse_denoise, langevin
-from ..kernels import philox
-from .base import BatchContext, Method, MethodOutput
-from .options import at_least, option
-from .registry import register
-from .stages import DiffusionOptions, LangevinOptions
+from ...engine.samplers import diffuse_denoise, langevin
+from ...kernels import philox
+from ..base import BatchContext, Method, MethodOutput
+from ..options import at_least, option
+from ..registry import register
+from ..stages import DiffusionOptions, LangevinOptions
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.samplers import diffuse_denoise
-from ..kernels import philox
-from .base import BatchContext, DatasetState, Method, MethodOutput
-from .options import finite_number, option, within
-from .registry import register
-from .stages import DiffusionOptions
+from ...engine.samplers import diffuse_denoise
+from ...kernels import philox
+from ..base import BatchContext, DatasetState, Method, MethodOutput
+from ..options import finite_number, option, within
+from ..registry import register
+from ..stages import DiffusionOptions
 
 
 @dataclass(frozen=True)

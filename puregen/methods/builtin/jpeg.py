@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import Method
-from .options import MethodConfig, option, within
-from .registry import register
+from ..base import Method
+from ..options import MethodConfig, option, within
+from ..registry import register
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.samplers import langevin
-from ..kernels import philox
-from .base import BatchContext, Method, MethodOutput
-from .registry import register
-from .stages import LangevinOptions
+from ...engine.samplers import langevin
+from ...kernels import philox
+from ..base import BatchContext, Method, MethodOutput
+from ..registry import register
+from ..stages import LangevinOptions
 
 
 @dataclass(frozen=True)
