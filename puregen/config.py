@@ -1,7 +1,8 @@
 """Typed configuration of the purification methods, with named presets.
 
-`paper` holds the published hyperparameters (DESIGN section 3); `tiny` is for
-tests and CPU demos (few steps, small models).
+`paper` holds the published hyperparameters of PureGen (arXiv 2405.18627),
+which are the dataclass defaults below (README's "Methods and defaults"
+table); `tiny` is for tests and CPU demos (few steps, small models).
 """
 
 from __future__ import annotations
