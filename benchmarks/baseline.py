@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from puregen.api import load_purifier
+from puregen.bench.flops import count_unet_flops
 from puregen.bench.measure import conv_ceiling, benchmark_images
 from puregen.engine.provenance import run_provenance
 from puregen.models import ebm as ebm_module
-from puregen.models import unet as unet_module
+from puregen.models.unet import UNet2D
+from puregen.models.unet_config import UNetConfig
 
 PUBLISHED_SECONDS_CIFAR10 = {"ebm": 923.0, "ddpm": 4181.0}  # PureGen on a TPU, 50,000 images
 
@@ -36,7 +38,7 @@ def flops_per_image(network: str, evaluations: int) -> float:
         fwd = ebm_module.count_flops(ebm_module.EBMConfig.paper(), 32, 32)
         # each step: forward + input-gradient backward (~ one more forward); plus the two audit energies
         return evaluations * 2 * fwd + 2 * fwd
-    fwd = unet_module.count_flops(unet_module.UNetConfig.paper(), 32, 32)
+    fwd = count_unet_flops(UNetConfig.paper(), 32, 32)
     return evaluations * fwd
 
 
@@ -45,7 +47,7 @@ def build(method: str, micro_batch: int, threads: int):
     if method == "ebm":
         model = ebm_module.EBM(ebm_module.EBMConfig.paper())
         return load_purifier("ebm", ebm=model, preset="paper", micro_batch=micro_batch, threads=threads)
-    model = unet_module.UNet2D(unet_module.UNetConfig.paper())
+    model = UNet2D(UNetConfig.paper())
     return load_purifier("ddpm", ddpm=model, preset="paper", micro_batch=micro_batch, threads=threads)
 
 

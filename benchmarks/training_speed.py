@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from puregen.engine.schedule import DDPMSchedule
 from puregen.models.classifiers import build_classifier
 from puregen.models.ebm import EBM, EBMConfig
-from puregen.models.unet import UNet2D, UNetConfig
+from puregen.models.unet import UNet2D
+from puregen.models.unet_config import UNetConfig
 from puregen.training.ddpm import DDPMRecipe, ddpm_loss
 from puregen.training.ebm import EBMRecipe, short_run
 from puregen.training.loop import autocast

@@ -19,18 +19,18 @@ import time
 
 import torch
 
+from puregen.bench.flops import count_unet_flops
 from puregen.bench.measure import conv_ceiling
 from puregen.engine.factory import load_purifier
 from puregen.engine.workers import purify_in_workers
 from puregen.evaluation.datasets import default_fashion_mnist_root, load_fashion_mnist
 from puregen.models import ebm as ebm_module
-from puregen.models import unet as unet_module
 
 
 def flops_per_image(purifier, method: str, steps: int) -> float:
     if purifier.algorithm.networks == ("ebm",):
         return 2 * ebm_module.count_flops(purifier.evaluator.ebm.config, 28, 28) * steps  # forward + input grad
-    return unet_module.count_flops(purifier.evaluator.unet.config, 28, 28) * steps
+    return count_unet_flops(purifier.evaluator.unet.config, 28, 28) * steps
 
 
 def main(argv=None) -> int:

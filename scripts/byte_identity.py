@@ -49,7 +49,8 @@ def images(n: int = 24) -> np.ndarray:
 
 def tiny_models():
     from puregen.models.ebm import EBM, EBMConfig
-    from puregen.models.unet import UNet2D, UNetConfig
+    from puregen.models.unet import UNet2D
+    from puregen.models.unet_config import UNetConfig
 
     torch.manual_seed(0)
     return EBM(EBMConfig.tiny(in_channels=1)), UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28))

@@ -53,7 +53,8 @@ def smooth_images(n: int, h: int = 28, w: int = 28, c: int = 1, seed: int = 0) -
 def tiny_models():
     """Random-weight tiny EBM and UNet for 28x28x1 (fixed seeds)."""
     from puregen.models.ebm import EBM, EBMConfig
-    from puregen.models.unet import UNet2D, UNetConfig
+    from puregen.models.unet import UNet2D
+    from puregen.models.unet_config import UNetConfig
 
     torch.manual_seed(0)
     return EBM(EBMConfig.tiny(in_channels=1)), UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28))

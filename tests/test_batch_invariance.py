@@ -1,4 +1,5 @@
-"""DESIGN section 4: a sample's purified bytes do not depend on how the job is cut."""
+"""The noise contract (noise keyed by seed, stream and global sample index through Philox, see
+puregen/kernels/philox.py): a sample's purified bytes do not depend on how the job is cut."""
 
 import os
 import platform

@@ -18,7 +18,8 @@ from puregen.errors import InputError
 from puregen.models import ebm as ebm_module
 from puregen.models.checkpoints import load_model
 from puregen.models.defaults import default_checkpoint
-from puregen.models.unet import UNet2D, UNetConfig
+from puregen.models.unet import UNet2D
+from puregen.models.unet_config import UNetConfig
 
 from .conftest import FASHION_MNIST, smooth_images
 
@@ -190,7 +191,7 @@ def test_bench_rejects_bad_options(capsys):
 
 def test_unet_uses_the_fused_group_norm_silu_op_where_it_applies(monkeypatch):
     """On CUDA inference the UNet calls puregen::group_norm_silu; on CPU the op's kernel is the unfused ops."""
-    from puregen.models import unet as unet_module
+    from puregen.models import unet_blocks
 
     torch.manual_seed(0)
     unet = UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28)).eval()
@@ -199,17 +200,17 @@ def test_unet_uses_the_fused_group_norm_silu_op_where_it_applies(monkeypatch):
     with torch.no_grad():
         plain = unet(x, t)
     calls = []
-    real_op = unet_module.group_norm_silu
+    real_op = unet_blocks.group_norm_silu
 
     def counting_op(h, norm):
         calls.append(h.shape)
         return real_op(h, norm)
 
-    monkeypatch.setattr(unet_module, "_fused_norm_silu_applies", lambda h: True)  # as on a CUDA device
-    monkeypatch.setattr(unet_module, "group_norm_silu", counting_op)
+    monkeypatch.setattr(unet_blocks, "_fused_norm_silu_applies", lambda h: True)  # as on a CUDA device
+    monkeypatch.setattr(unet_blocks, "group_norm_silu", counting_op)
     with torch.no_grad():
         fused = unet(x, t)
-    assert len(calls) == 2 * sum(1 for m in unet.modules() if isinstance(m, unet_module.ResBlock)) + 1
+    assert len(calls) == 2 * sum(1 for m in unet.modules() if isinstance(m, unet_blocks.ResBlock)) + 1
     assert _rel(fused, plain) < 1e-5  # the op's CPU kernel is the same torch ops; measured max diff 2e-6
     with torch.no_grad():
         compiled = torch.compile(unet, dynamic=False)(x, t)  # the op's fake implementation lets Inductor trace it
@@ -217,8 +218,8 @@ def test_unet_uses_the_fused_group_norm_silu_op_where_it_applies(monkeypatch):
 
 
 def test_training_never_takes_the_fused_op():
-    from puregen.models import unet as unet_module
+    from puregen.models import unet_blocks
 
     x = torch.rand(2, 8, 4, 4)
     with torch.enable_grad():
-        assert not unet_module._fused_norm_silu_applies(x)
+        assert not unet_blocks._fused_norm_silu_applies(x)

@@ -133,7 +133,8 @@ def test_bf16_training_losses_follow_fp32(data):
     """One DDPM loss and one EBM short run in bf16 against the fp32 oracle, same noise."""
     from puregen.engine.schedule import DDPMSchedule
     from puregen.models.ebm import EBM, EBMConfig
-    from puregen.models.unet import UNet2D, UNetConfig
+    from puregen.models.unet import UNet2D
+    from puregen.models.unet_config import UNetConfig
     from puregen.training.ddpm import ddpm_loss
     from puregen.training.ebm import short_run
     from puregen.training.state import step_generator

@@ -19,7 +19,9 @@ from puregen.models.diffusers_format import (
     load_diffusers_unet,
     save_diffusers_unet,
 )
-from puregen.models.unet import UNet2D, UNetConfig, count_flops
+from puregen.bench.flops import count_unet_flops
+from puregen.models.unet import UNet2D
+from puregen.models.unet_config import UNetConfig
 
 # fp32 parity tolerance (max abs error vs diffusers on outputs of magnitude ~1;
 # measured ~1e-6 on CPU): the two implementations do the same float ops in
@@ -137,13 +139,13 @@ def measured_flops(model: UNet2D, side: int) -> int:
     return counter.get_total_flops()
 
 
-def test_count_flops_matches_torch_flop_counter(paper_pair):
+def test_count_unet_flops_matches_torch_flop_counter(paper_pair):
     tiny = UNetConfig.tiny()
-    assert count_flops(tiny, 28, 28) == measured_flops(UNet2D(tiny), 28)
+    assert count_unet_flops(tiny, 28, 28) == measured_flops(UNet2D(tiny), 28)
     cfg, _, ours = paper_pair
-    paper_flops = count_flops(cfg, 32, 32)
+    paper_flops = count_unet_flops(cfg, 32, 32)
     print(f"\nFLOPs per image: paper 32x32 {paper_flops / 1e9:.3f} G, tiny 28x28 "
-          f"{count_flops(tiny, 28, 28) / 1e9:.3f} G")
+          f"{count_unet_flops(tiny, 28, 28) / 1e9:.3f} G")
     assert paper_flops == measured_flops(ours, 32)
     assert 7.7e9 < paper_flops < 7.9e9
 
@@ -162,7 +164,7 @@ def test_pad_multiple_and_shape_errors():
         with pytest.raises(ValueError, match="timesteps"):
             tiny(torch.randn(2, 1, 28, 28), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="multiples of 32"):
-        count_flops(UNetConfig.paper(), 28, 28)
+        count_unet_flops(UNetConfig.paper(), 28, 28)
 
 
 # ------------------------------------------------------------------ config

@@ -12,7 +12,8 @@ from puregen.engine.evaluator import TorchEvaluator
 from puregen.engine.samplers import diffuse_denoise, langevin
 from puregen.kernels import philox
 from puregen.models.ebm import EBM, EBMConfig
-from puregen.models.unet import UNet2D, UNetConfig
+from puregen.models.unet import UNet2D
+from puregen.models.unet_config import UNetConfig
 
 
 def _random_images(shape, seed):

@@ -33,7 +33,8 @@ from ..errors import InputError
 from ..models.checkpoints import load_model
 from ..models.defaults import default_checkpoint
 from ..models.ebm import EBM, EBMConfig
-from ..models.unet import UNet2D, UNetConfig
+from ..models.unet import UNet2D
+from ..models.unet_config import UNetConfig
 from .measure import benchmark_images, conv_ceiling, counted_flops, median_seconds
 
 # PureGen on a TPU, CIFAR-10 (50,000 images): 923 s (EBM) and 4181 s (DDPM).

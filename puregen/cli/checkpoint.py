@@ -25,7 +25,8 @@ def _cmd_checkpoint_init(args) -> int:
 
     from ..models.checkpoints import save_model
     from ..models.ebm import EBM, EBMConfig
-    from ..models.unet import UNet2D, UNetConfig
+    from ..models.unet import UNet2D
+    from ..models.unet_config import UNetConfig
 
     channels = args.in_channels or (3 if args.preset == "paper" else 1)
     torch.manual_seed(args.seed)

@@ -1,9 +1,13 @@
 """The noise contract: Philox-4x32-10 counters, keys and the normal transform.
 
 This module is the single written-down definition of every random number the
-engine uses (DESIGN section 4). Every implementation (this torch reference,
-the native C++ kernels, the Triton kernels) must reproduce it bit for bit in
-the integer stream; the golden vectors in `tests/test_philox.py` pin it.
+engine uses: each is a pure function of the seed, the stream (the stage that
+draws it), the sample's global index in the dataset, the step and the
+element, so a sample's bytes do not depend on how a job is batched, ordered
+or resumed (README, "Reproducibility"). Every implementation (this torch
+reference, the native C++ kernels, the Triton kernels) must reproduce it bit
+for bit in the integer stream; the golden vectors in `tests/test_philox.py`
+pin it.
 
 Layout, for sample ``i`` (its global row index in the input dataset):
 

@@ -168,7 +168,8 @@ def _build(model_type: str, config: dict, path: Path) -> nn.Module:
         if model_type == "ebm":
             return EBM(EBMConfig.from_dict(config))
         if model_type == "unet":
-            from .unet import UNet2D, UNetConfig
+            from .unet import UNet2D
+            from .unet_config import UNetConfig
 
             return UNet2D(UNetConfig.from_dict(config))
         if model_type == "classifier":

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from puregen.errors import CheckpointError
 from puregen.models.safetensors_io import load_checked_state, read_json, read_safetensors
-from puregen.models.unet import UNet2D, UNetConfig
+from puregen.models.unet import UNet2D
+from puregen.models.unet_config import UNetConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_diffusers_unet", "save_diffusers_unet"]
 

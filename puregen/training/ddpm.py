@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..engine.schedule import DDPMSchedule
 from ..errors import InputError
-from ..models.unet import UNet2D, UNetConfig
+from ..models.unet import UNet2D
+from ..models.unet_config import UNetConfig
 from .loop import (
     Progress,
     StopSignals,
