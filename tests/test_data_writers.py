@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from puregen.data import ImageDataset, read_dataset, write_dataset
-from puregen.data.writers import write_npz_atomic
+from puregen.data.atomic import write_npz_atomic
 from puregen.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def test_crash_mid_write_keeps_old_file(tmp_path):
         f"""
         import os, sys, numpy as np
         sys.path.insert(0, {str(REPO)!r})
-        from puregen.data.writers import write_npz_atomic
+        from puregen.data.atomic import write_npz_atomic
         def dying_savez(f, **arrays):
             f.write(b"PK partial")
             f.flush()

@@ -1,4 +1,4 @@
-"""Write a dataset: :func:`write_dataset` (atomic), plus :func:`write_npz_atomic`.
+"""Write a dataset: :func:`write_dataset` (atomic; single arrays: `puregen.data.atomic.write_npz_atomic`).
 
 The target format comes from the path:
 
@@ -25,12 +25,11 @@ from typing import Any, Sequence
 import torch
 
 from puregen.data import folder, idx, npz_io
-from puregen.data.atomic import write_npz_atomic
 from puregen.data.dataset import ImageDataset
 from puregen.data.output_target import output_format
 from puregen.errors import InputError
 
-__all__ = ["write_dataset", "write_npz_atomic"]
+__all__ = ["write_dataset"]
 
 
 def write_dataset(

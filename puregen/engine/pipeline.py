@@ -33,7 +33,7 @@ from ..data.npz_io import stored_label_dtype
 from ..errors import InputError
 from .job_folder import (
     MANIFEST_VERSION, JobPaths, clear_for_new_job, create_parts, decide, file_sha256, job_key, key_array,
-    load_chunk, locked, read_manifest, remove_orphans,
+    load_chunk, locked, remove_orphans,
 )
 from ..methods.state_io import load_state, save_state
 from .noise_key import NoiseKey, check_seed
