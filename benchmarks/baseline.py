@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from puregen.api import load_purifier
-from puregen.bench.flops import count_unet_flops
+from puregen.bench.flops import count_ebm_flops, count_unet_flops
 from puregen.bench.measure import conv_ceiling, benchmark_images
 from puregen.engine.provenance import run_provenance
 from puregen.models import ebm as ebm_module
@@ -35,7 +35,7 @@ PUBLISHED_SECONDS_CIFAR10 = {"ebm": 923.0, "ddpm": 4181.0}  # PureGen on a TPU, 
 def flops_per_image(network: str, evaluations: int) -> float:
     """FLOPs per image of `evaluations` steps of the one network (`ebm` or `unet`) a timed method runs."""
     if network == "ebm":
-        fwd = ebm_module.count_flops(ebm_module.EBMConfig.paper(), 32, 32)
+        fwd = count_ebm_flops(ebm_module.EBMConfig.paper(), 32, 32)
         # each step: forward + input-gradient backward (~ one more forward); plus the two audit energies
         return evaluations * 2 * fwd + 2 * fwd
     fwd = count_unet_flops(UNetConfig.paper(), 32, 32)

@@ -19,17 +19,16 @@ import time
 
 import torch
 
-from puregen.bench.flops import count_unet_flops
+from puregen.bench.flops import count_ebm_flops, count_unet_flops
 from puregen.bench.measure import conv_ceiling
 from puregen.engine.factory import load_purifier
 from puregen.engine.workers import purify_in_workers
 from puregen.evaluation.datasets import default_fashion_mnist_root, load_fashion_mnist
-from puregen.models import ebm as ebm_module
 
 
 def flops_per_image(purifier, method: str, steps: int) -> float:
     if purifier.algorithm.networks == ("ebm",):
-        return 2 * ebm_module.count_flops(purifier.evaluator.ebm.config, 28, 28) * steps  # forward + input grad
+        return 2 * count_ebm_flops(purifier.evaluator.ebm.config, 28, 28) * steps  # forward + input grad
     return count_unet_flops(purifier.evaluator.unet.config, 28, 28) * steps
 
 

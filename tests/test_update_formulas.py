@@ -192,13 +192,13 @@ def test_parameter_gradients_are_never_computed():
 def test_ebm_flop_count_matches_torch_counter(cfg, side):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from puregen.models.ebm import count_flops
+    from puregen.bench.flops import count_ebm_flops
 
     model = EBM(cfg)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.rand(1, cfg.in_channels, side, side))
-    assert counter.get_total_flops() == count_flops(cfg, side, side)
+    assert counter.get_total_flops() == count_ebm_flops(cfg, side, side)
 
 
 def test_a_lower_langevin_temperature_equals_a_proportionally_larger_energy():

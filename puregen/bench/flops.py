@@ -2,14 +2,15 @@
 
 `puregen.bench.measure.counted_flops` counts what a call actually ran; the
 count here is what the architecture defines (tests/test_unet.py checks it
-against torch's FLOP counter).
+against torch's FLOP counter, tests/test_update_formulas.py the EBM's).
 """
 
 from __future__ import annotations
 
+from ..models.ebm import EBMConfig
 from ..models.unet_config import UNetConfig
 
-__all__ = ["count_unet_flops"]
+__all__ = ["count_ebm_flops", "count_unet_flops"]
 
 
 def count_unet_flops(config: UNetConfig, height: int, width: int) -> int:
@@ -70,3 +71,16 @@ def count_unet_flops(config: UNetConfig, height: int, width: int) -> int:
             total += conv(rev[i], rev[i], 3, h * w)
     total += conv(ch[0], cfg.out_channels, 3, h * w)
     return total
+
+
+def count_ebm_flops(config: EBMConfig, height: int, width: int) -> int:
+    """FLOPs (2 x multiply-adds) of one forward pass of one image, convs and linear."""
+    nf, cin = config.nf, config.in_channels
+    hw = height * width
+    q = (height // 2) * (width // 2)
+    e = (height // 4) * (width // 4)
+    conv3 = lambda a, b, n: 2 * a * b * 9 * n  # noqa: E731
+    flops = conv3(cin, nf, hw) + conv3(nf, nf, hw) + 2 * cin * nf * q  # block1
+    flops += 2 * conv3(nf, nf, q) + 2 * nf * nf * q  # block2 (shortcut before pooling)
+    flops += 4 * conv3(nf, nf, e)  # blocks 3 and 4
+    return flops + 2 * nf

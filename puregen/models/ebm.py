@@ -96,16 +96,3 @@ class EBM(nn.Module):
         # of the image area.
         h = F.relu(h).mean(dim=(2, 3))
         return self.l5(h).squeeze(1)
-
-
-def count_flops(config: EBMConfig, height: int, width: int) -> int:
-    """FLOPs (2 x multiply-adds) of one forward pass of one image, convs and linear."""
-    nf, cin = config.nf, config.in_channels
-    hw = height * width
-    q = (height // 2) * (width // 2)
-    e = (height // 4) * (width // 4)
-    conv3 = lambda a, b, n: 2 * a * b * 9 * n  # noqa: E731
-    flops = conv3(cin, nf, hw) + conv3(nf, nf, hw) + 2 * cin * nf * q  # block1
-    flops += 2 * conv3(nf, nf, q) + 2 * nf * nf * q  # block2 (shortcut before pooling)
-    flops += 4 * conv3(nf, nf, e)  # blocks 3 and 4
-    return flops + 2 * nf
