@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from .backends import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
 from .config import METHODS, PRESETS, check_options_apply
-from .engine.evaluator import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
 from .engine.pipeline import DEFAULT_CHUNK_SIZE, log_to_stderr
 from .errors import InputError
 from .export.commands import add_export_parser
@@ -108,7 +108,7 @@ def _cmd_info(args) -> int:
     from .engine.provenance import run_provenance
 
     info = run_provenance()
-    from .engine.fastpath import cpu_has_native_bf16, resolve_precision
+    from .backends.precision import cpu_has_native_bf16, resolve_precision
     from .kernels import dispatch
 
     info["backends"] = {
@@ -138,7 +138,7 @@ def _cmd_info(args) -> int:
 
 def _exported_backends() -> dict:
     from .export.onnx_export import missing_onnx_packages
-    from .export.tensorrt_backend import unavailable_reason
+    from .export.tensorrt_engines import unavailable_reason
 
     missing = missing_onnx_packages()
     ort = "available (exported graphs, fp32)"

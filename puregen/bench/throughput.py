@@ -22,9 +22,10 @@ import dataclasses
 
 import torch
 
+from ..backends import check_backend
+from ..backends.torch_backend import TorchBackend
 from ..config import method_config
 from ..data.convert import to_model_space
-from ..engine.evaluator import TorchEvaluator, check_backend
 from ..engine.factory import pin_threads, resolve_device
 from ..engine.samplers import diffuse_denoise, langevin
 from ..engine.provenance import run_provenance
@@ -50,15 +51,15 @@ class Mode:
 
     def evaluator(self, ebm, unet, *, device, micro_batch: int):
         if self.backend == "onnxruntime":
-            from ..export.onnxruntime_backend import OrtEvaluator
+            from ..backends.onnxruntime_graphs import OnnxRuntimeBackend
 
-            return OrtEvaluator(ebm, unet, device=device, micro_batch=micro_batch)
+            return OnnxRuntimeBackend(ebm, unet, device=device, micro_batch=micro_batch)
         if self.backend == "tensorrt":
-            from ..export.tensorrt_backend import TensorRTEvaluator
+            from ..backends.tensorrt_runtime import TensorRTBackend
 
-            return TensorRTEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision)
-        return TorchEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision,
-                              channels_last=self.channels_last, compile=self.backend == "compiled")
+            return TensorRTBackend(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision)
+        return TorchBackend(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision,
+                            channels_last=self.channels_last, compile=self.backend == "compiled")
 
 
 def bench_model(method: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, tuple[int, int, int]]:
