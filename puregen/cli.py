@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .backends import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
+from .backends import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS, availability
 from .config import METHODS, PRESETS, check_options_apply
 from .engine.pipeline import DEFAULT_CHUNK_SIZE, log_to_stderr
 from .errors import InputError
@@ -111,11 +111,7 @@ def _cmd_info(args) -> int:
     from .backends.precision import cpu_has_native_bf16, resolve_precision
     from .kernels import dispatch
 
-    info["backends"] = {
-        "torch": "available (eager; in fp32 the reference)",
-        "compiled": "available (torch.compile of the network evaluations, eager fallback if compilation fails)",
-        **_exported_backends(),
-    }
+    info["backends"] = availability()
     info["precision"] = {
         "auto on cpu": resolve_precision("auto", torch.device("cpu")),
         "cpu native bf16": cpu_has_native_bf16(),
@@ -134,21 +130,6 @@ def _cmd_info(args) -> int:
         else:
             print(f"{section}: {value}")
     return EXIT_OK
-
-
-def _exported_backends() -> dict:
-    from .export.onnx_export import missing_onnx_packages
-    from .export.tensorrt_engines import unavailable_reason
-
-    missing = missing_onnx_packages()
-    ort = "available (exported graphs, fp32)"
-    if missing:
-        ort = f"unavailable: pip install 'puregen[onnx]' ({', '.join(missing)} missing)"
-    trt = unavailable_reason()
-    return {
-        "onnxruntime": ort,
-        "tensorrt": f"unavailable: {trt}" if trt else "available (experimental, not yet verified on hardware)",
-    }
 
 
 def _add_checkpoint(sub) -> None:

@@ -22,8 +22,7 @@ import dataclasses
 
 import torch
 
-from ..backends import check_backend
-from ..backends.torch_backend import TorchBackend
+from ..backends import build_backend, check_backend
 from ..config import method_config
 from ..data.convert import to_model_space
 from ..engine.factory import pin_threads, resolve_device
@@ -50,16 +49,8 @@ class Mode:
     channels_last: bool
 
     def evaluator(self, ebm, unet, *, device, micro_batch: int):
-        if self.backend == "onnxruntime":
-            from ..backends.onnxruntime_graphs import OnnxRuntimeBackend
-
-            return OnnxRuntimeBackend(ebm, unet, device=device, micro_batch=micro_batch)
-        if self.backend == "tensorrt":
-            from ..backends.tensorrt_runtime import TensorRTBackend
-
-            return TensorRTBackend(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision)
-        return TorchBackend(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision,
-                            channels_last=self.channels_last, compile=self.backend == "compiled")
+        return build_backend(self.backend, ebm, unet, device=device, micro_batch=micro_batch,
+                             precision=self.precision, channels_last=self.channels_last)
 
 
 def bench_model(method: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, tuple[int, int, int]]:
