@@ -1,4 +1,4 @@
-"""The purification dynamics as plain functions over a network evaluator.
+"""The purification dynamics as plain functions over a network backend.
 
 The image state is fp32 throughout; the networks only supply `grad_x G` or the
 epsilon prediction. Each function draws its noise through the kernels' Philox
@@ -10,10 +10,11 @@ Triton on CUDA, the torch reference otherwise).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
+from ..backends.base import NetworkBackend
 from ..config import DiffusionConfig, LangevinConfig
 from ..kernels import philox
 from ..kernels.dispatch import kernels_for
@@ -22,15 +23,9 @@ from .schedule import DDPMSchedule
 StepCallback = Callable[[int], None]
 
 
-class Evaluator(Protocol):
-    def energy(self, x: torch.Tensor) -> torch.Tensor: ...
-    def energy_grad(self, x: torch.Tensor) -> torch.Tensor: ...
-    def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor: ...
-
-
 def langevin(
     x: torch.Tensor,
-    evaluator: Evaluator,
+    evaluator: NetworkBackend,
     cfg: LangevinConfig,
     *,
     steps: int | None = None,
@@ -55,7 +50,7 @@ def langevin(
 
 def diffuse_denoise(
     x0: torch.Tensor,
-    evaluator: Evaluator,
+    evaluator: NetworkBackend,
     cfg: DiffusionConfig,
     *,
     t_star: int | None = None,
