@@ -1,12 +1,12 @@
 """`--backend onnxruntime`: the purifiers' network evaluations on ONNX Runtime.
 
-The graphs are the validated exports of `puregen.export.onnx_export` (made on first use and
-cached per network's weights, or read from a folder the user exported to).
-The providers are chosen from what the installed ONNX Runtime offers: on a
-CUDA device TensorRT, then CUDA (with I/O binding, so tensors stay on the
-GPU), else the CPU. The update steps and the noise stay with the engine's
-kernels, and the networks run on fixed-shape micro-batches as in every
-backend, so a sample's bytes do not depend on how the job is cut.
+The graphs are the validated exports of `puregen.export.onnx_export` (made
+on first use and cached per network's weights, or read from a folder the
+user exported to). The providers are chosen from what the installed ONNX
+Runtime offers: on a CUDA device TensorRT, then CUDA (with I/O binding, so
+tensors stay on the GPU), else the CPU. The update steps and the noise stay
+with the engine's kernels, and the networks run on fixed-shape micro-batches
+as in every backend, so a sample's bytes do not depend on how the job is cut.
 """
 
 from __future__ import annotations
