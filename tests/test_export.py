@@ -193,7 +193,7 @@ def test_bench_times_onnxruntime_against_torch_and_the_compiled_fast_path(tmp_pa
 
 
 def test_batch_profiles():
-    from puregen.export.tensorrt_backend import BatchProfile
+    from puregen.export.tensorrt_engines import BatchProfile
 
     p = BatchProfile.parse("1,16,64")
     assert p == BatchProfile(1, 16, 64)
@@ -208,7 +208,7 @@ def test_batch_profiles():
 
 
 def test_engine_cache_key_covers_every_field():
-    from puregen.export.tensorrt_backend import BatchProfile, engine_cache_key
+    from puregen.export.tensorrt_engines import BatchProfile, engine_cache_key
 
     base = ("a" * 64, "fp16", BatchProfile(1, 16, 64), "10.7.0", "sm_90")
     key = engine_cache_key(*base)
@@ -221,7 +221,7 @@ def test_engine_cache_key_covers_every_field():
 
 
 def test_engine_cache_refuses_stale_or_damaged_engines(tmp_path):
-    from puregen.export.tensorrt_backend import EngineCache
+    from puregen.export.tensorrt_engines import EngineCache
 
     cache = EngineCache(tmp_path)
     fields = {"onnx_sha256": "a" * 64, "precision": "fp16", "profile": {"min": 1, "opt": 8, "max": 8},
@@ -246,13 +246,13 @@ def test_engine_cache_refuses_stale_or_damaged_engines(tmp_path):
 def test_tensorrt_absent_is_a_clear_error(tmp_path, tiny_checkpoints, capsys, monkeypatch):
     import importlib.util
 
-    from puregen.export import tensorrt_backend
+    from puregen.export import tensorrt_engines
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
-    assert "not installed" in tensorrt_backend.unavailable_reason()
-    with pytest.raises(tensorrt_backend.TensorRTUnavailable, match="--backend tensorrt is unavailable"):
-        tensorrt_backend.import_tensorrt()
+    assert "not installed" in tensorrt_engines.unavailable_reason()
+    with pytest.raises(tensorrt_engines.TensorRTUnavailable, match="--backend tensorrt is unavailable"):
+        tensorrt_engines.import_tensorrt()
     ebm, _ = tiny_checkpoints
     assert main(["export", "tensorrt", "--ebm", str(ebm), "-o", str(tmp_path / "t")]) == 2
     assert "tensorrt is unavailable" in capsys.readouterr().err

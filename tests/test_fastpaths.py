@@ -11,8 +11,9 @@ from puregen.bench.flops import count_ebm_flops
 from puregen.bench.measure import counted_flops
 from puregen.bench.quality import FastPath, compare, purify_float
 from puregen.cli import main
-from puregen.engine import fastpath
-from puregen.engine.evaluator import TorchEvaluator, check_backend
+from puregen.backends import check_backend
+from puregen.backends import precision as backend_precision
+from puregen.backends.torch_backend import TorchBackend
 from puregen.engine.factory import load_purifier
 from puregen.engine.pipeline import config_fingerprint
 from puregen.errors import InputError
@@ -34,11 +35,11 @@ def _rel(a, b):
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(fastpath, "cpu_features", lambda: {"flags": ["avx512f", "avx512_bf16"]})
-    assert fastpath.resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(fastpath, "cpu_features", lambda: {"flags": ["avx2"]})
-    assert fastpath.resolve_precision("auto", cpu) == "fp32"
-    assert fastpath.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(backend_precision, "cpu_features", lambda: {"flags": ["avx512f", "avx512_bf16"]})
+    assert backend_precision.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(backend_precision, "cpu_features", lambda: {"flags": ["avx2"]})
+    assert backend_precision.resolve_precision("auto", cpu) == "fp32"
+    assert backend_precision.resolve_precision("bf16", cpu) == "bf16"
 
 
 def test_bad_backend_and_precision_are_clear_errors():
@@ -60,10 +61,10 @@ def test_failed_compilation_falls_back_to_eager_with_a_warning(monkeypatch, tiny
     monkeypatch.setattr(torch, "compile", broken_compile)
     ebm, _ = tiny_models
     x = torch.rand(5, 1, 28, 28) * 2 - 1
-    compiled = TorchEvaluator(ebm, compile=True, micro_batch=4)
+    compiled = TorchBackend(ebm, compile=True, micro_batch=4)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
         g = compiled.energy_grad(x)
-    assert torch.equal(g, TorchEvaluator(ebm, micro_batch=4).energy_grad(x))  # eager fallback is the oracle, exactly
+    assert torch.equal(g, TorchBackend(ebm, micro_batch=4).energy_grad(x))  # eager fallback is the oracle, exactly
     assert compiled.compile_state()["EBM input gradient"].startswith("eager fallback")
 
 
@@ -86,10 +87,10 @@ def test_paper_ebm_gradient_in_bf16_and_compiled_against_fp32():
     torch.manual_seed(0)
     ebm = ebm_module.EBM(ebm_module.EBMConfig.paper())
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    oracle = TorchEvaluator(ebm, micro_batch=4).energy_grad(x)
-    bf16 = TorchEvaluator(ebm, micro_batch=4, precision="bf16", channels_last=True).energy_grad(x)
+    oracle = TorchBackend(ebm, micro_batch=4).energy_grad(x)
+    bf16 = TorchBackend(ebm, micro_batch=4, precision="bf16", channels_last=True).energy_grad(x)
     assert _rel(bf16, oracle) < 0.08  # bf16 keeps 8 mantissa bits; measured about 0.04 on this architecture
-    compiled = TorchEvaluator(ebm, micro_batch=4, compile=True, channels_last=True).energy_grad(x)
+    compiled = TorchBackend(ebm, micro_batch=4, compile=True, channels_last=True).energy_grad(x)
     assert _rel(compiled, oracle) < 1e-5  # same fp32 arithmetic, other summation order; measured about 5e-7
 
 
@@ -97,8 +98,8 @@ def test_paper_unet_epsilon_in_bf16_against_fp32():
     torch.manual_seed(0)
     unet = UNet2D(UNetConfig.paper())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    oracle = TorchEvaluator(unet=unet, micro_batch=2).epsilon(x, 40)
-    bf16 = TorchEvaluator(unet=unet, micro_batch=2, precision="bf16", channels_last=True).epsilon(x, 40)
+    oracle = TorchBackend(unet=unet, micro_batch=2).epsilon(x, 40)
+    bf16 = TorchBackend(unet=unet, micro_batch=2, precision="bf16", channels_last=True).epsilon(x, 40)
     assert bf16.dtype == torch.float32 and bf16.is_contiguous()
     assert _rel(bf16, oracle) < 0.05  # GroupNorm and softmax stay fp32 under autocast; measured about 0.01
 
@@ -158,7 +159,7 @@ def test_counted_flops_match_the_architecture_count():
     cfg = ebm_module.EBMConfig.paper()
     ebm = ebm_module.EBM(cfg)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    ev = TorchEvaluator(ebm, micro_batch=2)
+    ev = TorchBackend(ebm, micro_batch=2)
     forward = counted_flops(lambda: ev.energy(x))
     assert forward == 2 * count_ebm_flops(cfg, 32, 32)  # the counter sees every conv and the linear head
     step = counted_flops(lambda: ev.energy_grad(x))

@@ -202,10 +202,10 @@ def test_ebm_bank_smaller_than_a_batch_is_refused(data, tmp_path):
 def test_training_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     from puregen.evaluation.defenses.friendly_noise import FriendlyNoiseRecipe
     from puregen.evaluation.scales import small_settings
-    from puregen.engine import fastpath
+    from puregen.backends import precision as backend_precision
     from puregen.training import loop
 
-    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(backend_precision, "cpu_has_native_bf16", lambda: native)
     expected = "bf16" if native else "fp32"  # emulated bf16 trained 2.4x slower than fp32
     assert loop.fastest_training_precision() == expected
     assert small_settings().classifier.precision == expected and FriendlyNoiseRecipe().precision == expected
@@ -249,9 +249,9 @@ def test_cli_resume_of_a_missing_run_is_an_input_error(data_path, tmp_path, caps
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_fixed_when_a_run_starts_and_recorded(native, data, tmp_path, monkeypatch):
-    from puregen.engine import fastpath
+    from puregen.backends import precision as backend_precision
 
-    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(backend_precision, "cpu_has_native_bf16", lambda: native)
     chosen = "bf16" if native else "fp32"  # the purifiers' auto: emulated bf16 is several times slower
     assert EBMRecipe.preset("small").precision == "auto"
     recipe = dataclasses.replace(EBMRecipe.preset("tiny"), steps=2, precision="auto")
@@ -269,16 +269,16 @@ def test_auto_precision_is_fixed_when_a_run_starts_and_recorded(native, data, tm
 @pytest.mark.parametrize("first_native, then_native", [(True, False), (False, True)])
 def test_a_run_resumed_on_another_cpu_keeps_its_recorded_precision(first_native, then_native, data, tmp_path,
                                                                    monkeypatch, capsys):
-    from puregen.engine import fastpath
+    from puregen.backends import precision as backend_precision
 
     recorded = "bf16" if first_native else "fp32"
     recipe = dataclasses.replace(EBMRecipe.preset("tiny"), steps=4, precision="auto")
     train_ebm(data, tmp_path / "whole", dataclasses.replace(recipe, precision=recorded), progress=False)
-    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: first_native)
+    monkeypatch.setattr(backend_precision, "cpu_has_native_bf16", lambda: first_native)
     train_ebm(data, tmp_path / "split", recipe, progress=False, max_steps_this_call=2)
     train_ebm(data, tmp_path / "split", recipe, progress=False, max_steps_this_call=1, resume=True)
     assert "warning" not in capsys.readouterr().err  # the same CPU: nothing to say
-    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: then_native)
+    monkeypatch.setattr(backend_precision, "cpu_has_native_bf16", lambda: then_native)
     info = train_ebm(data, tmp_path / "split", recipe, progress=False, resume=True)
     err = capsys.readouterr().err
     assert f"warning: {tmp_path / 'split'}: " in err and f"in {recorded}" in err and err.count("\n") == 1, err
@@ -294,14 +294,14 @@ def test_a_run_resumed_on_another_cpu_keeps_its_recorded_precision(first_native,
 
 def test_cli_train_precision_defaults_to_the_presets_auto(data_path, tmp_path, monkeypatch):
     from puregen.cli import build_parser, main
-    from puregen.engine import fastpath
+    from puregen.backends import precision as backend_precision
 
     args = ["train", "ebm", str(data_path), "--no-progress", "--threads", "2", "--batch-size", "4"]
     assert build_parser().parse_args([*args, "-o", "x", "--precision", "auto"]).precision == "auto"
-    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(backend_precision, "cpu_has_native_bf16", lambda: False)
     # the small preset on a CPU without native bf16: fp32, no longer emulated bf16
     assert main([*args, "-o", str(tmp_path / "small"), "--preset", "small", "--steps", "1"]) == 0
     assert _recorded(tmp_path / "small")["recipe"]["precision"] == "fp32"
-    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(backend_precision, "cpu_has_native_bf16", lambda: True)
     assert main([*args, "-o", str(tmp_path / "tiny"), "--preset", "tiny", "--steps", "1", "--precision", "auto"]) == 0
     assert _recorded(tmp_path / "tiny")["recipe"]["precision"] == "bf16"

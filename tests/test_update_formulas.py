@@ -8,7 +8,7 @@ import torch
 
 from puregen.engine.noise_key import NoiseKey
 from puregen.engine.samplers import DiffusionConfig, LangevinConfig
-from puregen.engine.evaluator import TorchEvaluator
+from puregen.backends.torch_backend import TorchBackend
 from puregen.engine.samplers import diffuse_denoise, langevin
 from puregen.kernels import philox
 from puregen.models.ebm import EBM, EBMConfig
@@ -28,7 +28,7 @@ def test_one_langevin_step_matches_float64_formula(nf, side):
     x = _random_images((5, 3, side, side), 1)
     idx = torch.tensor([3, 9, 0, 41, 7])
     cfg = LangevinConfig()  # published eps=1.25e-2, temp=1e-4
-    out = langevin(x, TorchEvaluator(ebm, micro_batch=4), cfg, steps=1, key=NoiseKey.of(123, idx))
+    out = langevin(x, TorchBackend(ebm, micro_batch=4), cfg, steps=1, key=NoiseKey.of(123, idx))
 
     ebm64 = EBM(ebm.config).double()
     ebm64.load_state_dict(ebm.state_dict())
@@ -59,7 +59,7 @@ def test_forward_noising_and_one_reverse_step_match_float64_formulas(arch):
     idx = torch.tensor([5, 1, 8])
     t_star, seed = 1 + 1, 77  # noise to index 1, then reverse steps t=1 and t=0
     cfg = DiffusionConfig(t_star=t_star)
-    ev = TorchEvaluator(unet=unet, micro_batch=4)
+    ev = TorchBackend(unet=unet, micro_batch=4)
 
     # Reference in float64 from the DDPM paper's formulas.
     betas, abar = _float64_schedule()
@@ -116,7 +116,7 @@ def test_respaced_reverse_process_matches_float64_formula():
         n = philox.normal_noise(idx, shape, seed=seed, stream=philox.STREAM_DDPM_REVERSE, step=t).double()
         x_t = mean + (math.sqrt(var) * n if t_prev >= 0 else 0)
 
-    ev = TorchEvaluator(unet=unet, micro_batch=4)
+    ev = TorchBackend(unet=unet, micro_batch=4)
     out = diffuse_denoise(x0, ev, cfg, key=NoiseKey.of(seed, idx))
     err = (out.double() - x_t).abs().max().item()
     assert err < 1e-5, err  # fp32 UNet and state vs float64 over four steps
@@ -164,7 +164,7 @@ def test_reverse_step_at_zero_matches_diffusers_scheduler():
 def test_unet_sides_not_divisible_are_reflect_padded_and_cropped():
     torch.manual_seed(0)
     unet = UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28))  # sides must be multiples of 4
-    ev = TorchEvaluator(unet=unet, micro_batch=4)
+    ev = TorchBackend(unet=unet, micro_batch=4)
     x = _random_images((3, 1, 30, 29), 4)
     eps = ev.epsilon(x, 10)
     assert eps.shape == x.shape
@@ -179,7 +179,7 @@ def test_parameter_gradients_are_never_computed():
     torch.manual_seed(0)
     ebm = EBM(EBMConfig(in_channels=1, nf=8))
     unet = UNet2D(UNetConfig.tiny(in_channels=1, sample_size=28))
-    ev = TorchEvaluator(ebm, unet, micro_batch=4)
+    ev = TorchBackend(ebm, unet, micro_batch=4)
     x = _random_images((2, 1, 28, 28), 5)
     langevin(x, ev, LangevinConfig(steps=2), key=NoiseKey.of(0, torch.arange(2)))
     diffuse_denoise(x, ev, DiffusionConfig(t_star=2), key=NoiseKey.of(0, torch.arange(2)))

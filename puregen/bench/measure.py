@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..engine.fastpath import DTYPES
+from ..backends.precision import DTYPES
 
 CEILING_FLOP = 2 * 64 * 128 * 128 * 9 * 32 * 32
 

@@ -35,7 +35,7 @@ def default_fast_paths(device: torch.device) -> list[FastPath]:
     if not missing_onnx_packages():
         paths.append(FastPath("onnxruntime", "fp32", "onnxruntime", False))
     if device.type == "cuda":
-        from ..export.tensorrt_backend import unavailable_reason
+        from ..export.tensorrt_engines import unavailable_reason
 
         if unavailable_reason() is None:
             paths += [FastPath(f"tensorrt-{p}", p, "tensorrt", False) for p in ("fp32", "fp16", "bf16")]

@@ -22,14 +22,14 @@ import dataclasses
 
 import torch
 
+from ..backends import build_backend, check_backend
 from ..data.convert import to_model_space
-from ..engine.evaluator import TorchEvaluator, check_backend
 from ..engine.factory import pin_threads, resolve_device
 from ..engine.noise_key import NoiseKey
-from ..engine.samplers import DiffusionConfig, LangevinConfig, diffuse_denoise, langevin
-from ..methods.registry import configure
 from ..engine.provenance import run_provenance
+from ..engine.samplers import DiffusionConfig, LangevinConfig, diffuse_denoise, langevin
 from ..errors import InputError
+from ..methods.registry import configure
 from ..models.checkpoints import load_model
 from ..models.defaults import default_checkpoint
 from ..models.ebm import EBM, EBMConfig
@@ -51,16 +51,8 @@ class Mode:
     channels_last: bool
 
     def evaluator(self, ebm, unet, *, device, micro_batch: int):
-        if self.backend == "onnxruntime":
-            from ..export.onnxruntime_backend import OrtEvaluator
-
-            return OrtEvaluator(ebm, unet, device=device, micro_batch=micro_batch)
-        if self.backend == "tensorrt":
-            from ..export.tensorrt_backend import TensorRTEvaluator
-
-            return TensorRTEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision)
-        return TorchEvaluator(ebm, unet, device=device, micro_batch=micro_batch, precision=self.precision,
-                              channels_last=self.channels_last, compile=self.backend == "compiled")
+        return build_backend(self.backend, ebm, unet, device=device, micro_batch=micro_batch,
+                             precision=self.precision, channels_last=self.channels_last)
 
 
 def timed_network(method: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine.evaluator import PRECISIONS
+from ..backends import PRECISIONS
 from ..errors import InputError
 from . import EXIT_OK
 

@@ -19,14 +19,11 @@ def _cmd_info(args) -> int:
     from ..engine.provenance import run_provenance
 
     info = run_provenance()
-    from ..engine.fastpath import cpu_has_native_bf16, resolve_precision
+    from ..backends import availability
+    from ..backends.precision import cpu_has_native_bf16, resolve_precision
     from ..kernels import dispatch
 
-    info["backends"] = {
-        "torch": "available (eager; in fp32 the reference)",
-        "compiled": "available (torch.compile of the network evaluations, eager fallback if compilation fails)",
-        **_exported_backends(),
-    }
+    info["backends"] = availability()
     info["precision"] = {
         "auto on cpu": resolve_precision("auto", torch.device("cpu")),
         "cpu native bf16": cpu_has_native_bf16(),
@@ -45,18 +42,3 @@ def _cmd_info(args) -> int:
         else:
             print(f"{section}: {value}")
     return EXIT_OK
-
-
-def _exported_backends() -> dict:
-    from ..export.onnx_export import missing_onnx_packages
-    from ..export.tensorrt_backend import unavailable_reason
-
-    missing = missing_onnx_packages()
-    ort = "available (exported graphs, fp32)"
-    if missing:
-        ort = f"unavailable: pip install 'puregen[onnx]' ({', '.join(missing)} missing)"
-    trt = unavailable_reason()
-    return {
-        "onnxruntime": ort,
-        "tensorrt": f"unavailable: {trt}" if trt else "available (experimental, not yet verified on hardware)",
-    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine.evaluator import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
+from ..backends import BACKENDS, DEFAULT_MICRO_BATCH, PRECISIONS
 from ..engine.pipeline import DEFAULT_CHUNK_SIZE
 from ..engine.progress import log_to_stderr
 from ..errors import InputError

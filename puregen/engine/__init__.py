@@ -1,1 +1,1 @@
-"""The purification engine: samplers, purifiers, network evaluation, the bulk pipeline."""
+"""The purification engine: samplers, purifiers, the bulk pipeline; the networks run on `puregen.backends`."""

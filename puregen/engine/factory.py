@@ -6,13 +6,13 @@ import os
 
 import torch
 
+from ..backends import DEFAULT_MICRO_BATCH, build_backend, check_backend
 from ..errors import InputError
 from ..methods.base import Method
 from ..methods.networks import NETWORKS
 from ..methods.registry import configure
 from ..models.checkpoints import LoadedModel, load_model
 from ..models.defaults import default_checkpoint
-from .evaluator import DEFAULT_MICRO_BATCH, TorchEvaluator, check_backend
 from .purifiers import Purifier
 
 CHECKPOINT_HELP = (
@@ -106,26 +106,9 @@ def load_purifier(
             sources[kind] = {"checkpoint": loaded.path, "weights_sha256": loaded.fingerprint}
             if is_default:
                 defaults.append(kind)
-    if backend in ("torch", "compiled"):
-        evaluator = TorchEvaluator(
-            models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch, precision=precision,
-            channels_last=backend == "compiled" if channels_last is None else channels_last,
-            compile=backend == "compiled",
-        )
-    else:
-        evaluator = _exported_evaluator(backend, models, sources, dev, micro_batch, pinned, precision, onnx_dir)
+    evaluator = build_backend(backend, models.get("ebm"), models.get("unet"), device=dev, micro_batch=micro_batch,
+                              precision=precision, channels_last=channels_last, threads=pinned, onnx_dir=onnx_dir,
+                              sources=sources)
     return Purifier(algorithm, evaluator, provenance={"threads": pinned, "checkpoints": fingerprints, "defaults": defaults},
                     models=models)
 
-
-def _exported_evaluator(backend, models, sources, device, micro_batch, threads, precision, onnx_dir):
-    """The onnxruntime or tensorrt evaluator (imported here: both depend on optional packages)."""
-    if backend == "onnxruntime":
-        from ..export.onnxruntime_backend import OrtEvaluator
-
-        return OrtEvaluator(models.get("ebm"), models.get("unet"), device=device, micro_batch=micro_batch,
-                            onnx_dir=onnx_dir, threads=threads, sources=sources)
-    from ..export.tensorrt_backend import TensorRTEvaluator
-
-    return TensorRTEvaluator(models.get("ebm"), models.get("unet"), device=device, micro_batch=micro_batch,
-                             precision=precision, onnx_dir=onnx_dir, sources=sources)

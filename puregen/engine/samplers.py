@@ -1,4 +1,4 @@
-"""The purification dynamics as plain functions over a network evaluator.
+"""The purification dynamics as plain functions over a network backend.
 
 The image state is fp32 throughout; the networks only supply `grad_x G` or the
 epsilon prediction. Each function draws its noise through the kernels' Philox
@@ -11,10 +11,11 @@ Triton on CUDA, the torch reference otherwise).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
+from ..backends.base import NetworkBackend
 from ..kernels import philox
 from ..kernels.dispatch import kernels_for
 from .noise_key import NoiseKey
@@ -55,15 +56,9 @@ class DiffusionConfig:
         return min(self.t_star, self.reverse_steps or self.t_star)
 
 
-class Evaluator(Protocol):
-    def energy(self, x: torch.Tensor) -> torch.Tensor: ...
-    def energy_grad(self, x: torch.Tensor) -> torch.Tensor: ...
-    def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor: ...
-
-
 def langevin(
     x: torch.Tensor,
-    evaluator: Evaluator,
+    evaluator: NetworkBackend,
     cfg: LangevinConfig,
     *,
     steps: int | None = None,
@@ -87,7 +82,7 @@ def langevin(
 
 def diffuse_denoise(
     x0: torch.Tensor,
-    evaluator: Evaluator,
+    evaluator: NetworkBackend,
     cfg: DiffusionConfig,
     *,
     t_star: int | None = None,

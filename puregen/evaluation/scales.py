@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backends.precision import resolve_precision
 from ..data import read_dataset
-from ..engine.fastpath import resolve_precision
 from ..errors import InputError
 from ..training.classifier import ClassifierRecipe
 from ..training.loop import fastest_training_precision

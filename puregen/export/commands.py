@@ -118,21 +118,17 @@ def _cmd_export_tensorrt(args) -> int:
     import torch
 
     from .onnx_export import ensure_exported, export_onnx
-    from .tensorrt_backend import BatchProfile, TensorRTEvaluator, import_tensorrt
+    from .tensorrt_engines import BatchProfile, EngineCache, ensure_engine, import_tensorrt
 
     profile = BatchProfile.parse(args.batch_profile)
     import_tensorrt()  # a clear error before any export work when TensorRT is absent
+    cache = EngineCache(args.engine_dir)
     for kind, model, source, shape in _models(args):
         if args.overwrite:
             exported = export_onnx(model, shape, Path(args.out), source=source, overwrite=True)
         else:
             exported = ensure_exported(model, shape, Path(args.out), source=source)
-        nets = (model, None) if kind == "ebm" else (None, model)
-        evaluator = TensorRTEvaluator(*nets, device="cuda", micro_batch=profile.opt, precision=args.precision,
-                                      onnx_dir=args.out, engine_dir=args.engine_dir, profile=profile,
-                                      sources={kind: source})
-        probe = torch.rand(profile.opt, *shape, device="cuda") * 2 - 1  # builds (or loads) the engine
-        evaluator.energy_grad(probe) if kind == "ebm" else evaluator.epsilon(probe, 10)
+        ensure_engine(exported, args.precision, profile, cache, torch.device("cuda"))  # builds, or loads and checks
         print(f"engine ready for {exported.onnx_path} ({args.precision}, batch profile {args.batch_profile}) "
-              f"in {evaluator.cache.folder}")
+              f"in {cache.folder}")
     return 0

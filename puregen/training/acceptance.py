@@ -13,8 +13,8 @@ import math
 
 import torch
 
+from ..backends.torch_backend import TorchBackend
 from ..engine.samplers import LangevinConfig
-from ..engine.evaluator import TorchEvaluator
 from ..engine.schedule import DDPMSchedule
 from ..kernels import philox
 from ..kernels.reference import ddpm_forward_noise
@@ -43,7 +43,7 @@ def ddpm_denoising_ratio(unet, held_out: torch.Tensor, t_star: int = 75, seed: i
     abar = float(schedule.alphas_cumprod[t])
     x_t = ddpm_forward_noise(held_out, sqrt_alpha_bar=math.sqrt(abar), sqrt_one_minus_alpha_bar=math.sqrt(1 - abar),
                              indices=torch.arange(held_out.shape[0]), seed=seed, stream=philox.STREAM_DDPM_FORWARD)
-    ev = TorchEvaluator(unet=unet)
+    ev = TorchBackend(unet=unet)
     eps = ev.epsilon(x_t, t)
     x0_hat = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
     err_pred = (x0_hat - held_out).pow(2).mean().sqrt().item()

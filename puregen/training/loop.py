@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends.precision import resolve_precision
 from ..data import read_dataset, to_model_space
-from ..engine.fastpath import resolve_precision
 from ..engine.pipeline import dataset_fingerprint
 from ..errors import InputError
 

@@ -7,18 +7,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.evaluator import Evaluator
-from .onnx_export import ExportedGraph, cache_folder_for, ensure_exported, weights_fingerprint
+from ..export.onnx_export import ExportedGraph, cache_folder_for, ensure_exported, weights_fingerprint
+from .base import NetworkBackend
 
 
-class ExportedEvaluator(Evaluator):
-    """An evaluator whose networks run as exported graphs, one runner per (network, image shape).
+class ExportedGraphBackend(NetworkBackend):
+    """A backend whose networks run as exported graphs, one runner per (network, image shape).
 
     The exports come from `onnx_dir` when given (checked against the loaded
     weights), else from the per-weights cache, made and validated on first use.
     Subclasses build a runner for an export in `_make_runner`; a runner takes
     torch tensors and returns the graph's outputs as fp32 torch tensors on the
-    evaluator's device.
+    backend's device.
     """
 
     def __init__(self, ebm: nn.Module | None, unet: nn.Module | None, *, device, micro_batch: int, precision: str,

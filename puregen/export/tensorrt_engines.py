@@ -1,14 +1,13 @@
-"""`--backend tensorrt` (experimental): TensorRT engines built from the ONNX exports.
+"""TensorRT engines built from the ONNX exports (experimental), and their on-disk cache.
 
 NOT YET VERIFIED ON HARDWARE: TensorRT cannot be installed on the machines
 this was written on. The module imports `tensorrt` only when an engine is
-built or run, and says so clearly when it is missing. The plain-Python parts
-(batch profiles, cache keys, the cache's checks, error paths) are tested
-without TensorRT; the calls into TensorRT follow its Python API (10.x):
-Builder -> network from OnnxParser -> BuilderConfig with precision flags and
-one optimization profile over the batch axis -> serialized engine -> Runtime
--> execution context with `set_input_shape`, `set_tensor_address` and
-`execute_async_v3` on torch's current CUDA stream.
+built, and says so clearly when it is missing. The plain-Python parts (batch
+profiles, cache keys, the cache's checks, error paths) are tested without
+TensorRT; the calls into TensorRT follow its Python API (10.x): Builder ->
+network from OnnxParser -> BuilderConfig with precision flags and one
+optimization profile over the batch axis -> serialized engine. Running an
+engine is the `tensorrt` backend's part (`puregen.backends.tensorrt_runtime`).
 
 Engines are cached on disk under a key made of everything that makes an
 engine valid: the ONNX file's sha256, the precision flags, the batch
@@ -28,10 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import InputError
-from .exported_evaluator import ExportedEvaluator
 from .onnx_export import ExportedGraph, default_cache_dir
 
 PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}
@@ -77,7 +74,7 @@ class BatchProfile:
 
     @classmethod
     def for_micro_batch(cls, micro_batch: int) -> BatchProfile:
-        """The engine's profile when the evaluator runs every network call at `micro_batch` (the engine's opt)."""
+        """The engine's profile when the backend runs every network call at `micro_batch` (the engine's opt)."""
         return cls(1, micro_batch, max(micro_batch, 1))
 
     @classmethod
@@ -200,74 +197,16 @@ def build_engine(exported: ExportedGraph, precision: str, profile: BatchProfile,
     return bytes(serialized)
 
 
-class _Engine:
-    """One deserialized engine and its execution context, run on torch CUDA tensors."""
-
-    def __init__(self, blob: bytes, exported: ExportedGraph, device: torch.device, source: str):
-        trt = import_tensorrt()
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(blob)
-        if self.engine is None:
-            raise InputError(f"{source}: TensorRT cannot deserialize this engine; delete it and its .json record "
-                             "to rebuild it")
-        self.context = self.engine.create_execution_context()
-        self.exported, self.device = exported, device
-
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        inputs = [t.contiguous() for t in inputs]  # kept alive until the engine has run
-        for name, t in zip(self.exported.input_names, inputs):
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        outputs = self.exported.output_buffers(inputs[0].shape[0], self.device)
-        for name, out in zip(self.exported.output_names, outputs):
-            self.context.set_tensor_address(name, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to run the engine for {self.exported.onnx_path}")
-        return outputs
-
-
-class TensorRTEvaluator(ExportedEvaluator):
-    """The purifiers' evaluations on TensorRT engines (experimental, see the module's note)."""
-
-    backend = "tensorrt"
-
-    def __init__(
-        self,
-        ebm: nn.Module | None = None,
-        unet: nn.Module | None = None,
-        *,
-        device: str | torch.device = "cuda",
-        micro_batch: int = 16,
-        precision: str = "fp16",
-        onnx_dir: str | Path | None = None,
-        engine_dir: str | Path | None = None,
-        profile: BatchProfile | None = None,
-        sources: dict | None = None,
-    ):
-        trt = import_tensorrt()
-        if torch.device(device).type != "cuda":
-            raise TensorRTUnavailable("--backend tensorrt needs --device cuda")
-        super().__init__(ebm, unet, device=device, micro_batch=micro_batch, precision=precision, onnx_dir=onnx_dir,
-                         sources=sources)
-        self.profile = profile or BatchProfile.for_micro_batch(micro_batch)
-        if not self.profile.min <= micro_batch <= self.profile.max:
-            raise InputError(f"the micro-batch {micro_batch} is outside the engine's batch profile {self.profile}")
-        self.cache = EngineCache(engine_dir)
-        self.trt_version = trt.__version__
-
-    def _make_runner(self, exported: ExportedGraph) -> _Engine:
-        onnx_sha = exported.sidecar["onnx_sha256"]  # checked against the file when the export was loaded
-        fields = {"onnx_sha256": onnx_sha, "precision": self.precision, "profile": asdict(self.profile),
-                  "tensorrt": self.trt_version, "gpu_arch": gpu_arch(self.device)}
-        key = engine_cache_key(onnx_sha, self.precision, self.profile, self.trt_version, fields["gpu_arch"])
-        blob = self.cache.load(key, fields)
-        if blob is None:
-            blob = build_engine(exported, self.precision, self.profile)
-            self.cache.store(key, blob, fields)
-        return _Engine(blob, exported, self.device, str(self.cache.paths(key)[0]))
-
-    def describe(self) -> dict:
-        info = super().describe()
-        info.update(tensorrt=self.trt_version, batch_profile=asdict(self.profile))
-        return info
+def ensure_engine(exported: ExportedGraph, precision: str, profile: BatchProfile, cache: EngineCache,
+                  device: torch.device) -> tuple[bytes, Path]:
+    """The serialized engine for `exported` and its file: from `cache` if it holds one, else built and stored."""
+    trt_version = import_tensorrt().__version__
+    onnx_sha = exported.sidecar["onnx_sha256"]  # checked against the file when the export was loaded
+    fields = {"onnx_sha256": onnx_sha, "precision": precision, "profile": asdict(profile),
+              "tensorrt": trt_version, "gpu_arch": gpu_arch(device)}
+    key = engine_cache_key(onnx_sha, precision, profile, trt_version, fields["gpu_arch"])
+    blob = cache.load(key, fields)
+    if blob is None:
+        blob = build_engine(exported, precision, profile)
+        cache.store(key, blob, fields)
+    return blob, cache.paths(key)[0]

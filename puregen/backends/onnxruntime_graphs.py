@@ -1,12 +1,12 @@
 """`--backend onnxruntime`: the purifiers' network evaluations on ONNX Runtime.
 
-The graphs are the validated exports of `onnx_export` (made on first use and
-cached per network's weights, or read from a folder the user exported to).
-The providers are chosen from what the installed ONNX Runtime offers: on a
-CUDA device TensorRT, then CUDA (with I/O binding, so tensors stay on the
-GPU), else the CPU. The update steps and the noise stay with the engine's
-kernels, and the networks run on fixed-shape micro-batches as in every
-backend, so a sample's bytes do not depend on how the job is cut.
+The graphs are the validated exports of `puregen.export.onnx_export` (made
+on first use and cached per network's weights, or read from a folder the
+user exported to). The providers are chosen from what the installed ONNX
+Runtime offers: on a CUDA device TensorRT, then CUDA (with I/O binding, so
+tensors stay on the GPU), else the CPU. The update steps and the noise stay
+with the engine's kernels, and the networks run on fixed-shape micro-batches
+as in every backend, so a sample's bytes do not depend on how the job is cut.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .exported_evaluator import ExportedEvaluator
-from .onnx_export import ExportError, ExportedGraph, require_onnx
+from ..export.onnx_export import ExportError, ExportedGraph, missing_onnx_packages, require_onnx
+from .base import DEFAULT_MICRO_BATCH, BackendEntry
+from .exported import ExportedGraphBackend
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -101,7 +102,7 @@ def _numpy_dtype(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.int64: np.int64}[dtype]
 
 
-class OrtEvaluator(ExportedEvaluator):
+class OnnxRuntimeBackend(ExportedGraphBackend):
     """The purifiers' evaluations on ONNX Runtime; `ebm` / `unet` are the torch models the graphs come from."""
 
     backend = "onnxruntime"
@@ -112,7 +113,7 @@ class OrtEvaluator(ExportedEvaluator):
         unet: nn.Module | None = None,
         *,
         device: str | torch.device = "cpu",
-        micro_batch: int = 16,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
         onnx_dir: str | Path | None = None,
         threads: int | None = None,
         sources: dict | None = None,
@@ -134,3 +135,30 @@ class OrtEvaluator(ExportedEvaluator):
             }
             for (_, shape), g in self._runners.items()
         }
+
+
+def _precision_for(precision: str, device: torch.device) -> str:
+    # The exported graphs are fp32; reduced precision is the compiled or TensorRT backend's job.
+    if precision not in ("fp32", "auto"):
+        raise InputError(
+            f"backend onnxruntime runs the fp32 graphs; precision {precision!r} is for --backend compiled "
+            "(bf16 on CPU and GPU) or tensorrt (fp16/bf16 on GPU)"
+        )
+    return "fp32"
+
+
+def _build(ebm, unet, *, device, micro_batch, threads=None, onnx_dir=None, sources=None,
+           **_other_options) -> OnnxRuntimeBackend:
+    # `_other_options` (precision, always fp32 here; channels_last) are the torch backends'.
+    return OnnxRuntimeBackend(ebm, unet, device=device, micro_batch=micro_batch, onnx_dir=onnx_dir, threads=threads,
+                              sources=sources)
+
+
+def _availability() -> str:
+    missing = missing_onnx_packages()
+    if missing:
+        return f"unavailable: pip install 'puregen[onnx]' ({', '.join(missing)} missing)"
+    return "available (exported graphs, fp32)"
+
+
+ONNXRUNTIME = BackendEntry("onnxruntime", build=_build, precision_for=_precision_for, availability=_availability)

@@ -1,11 +1,9 @@
-"""Network evaluation for the purifiers: the interface every backend supplies, and the `torch` and `compiled` backends.
+"""The interface every network backend supplies to the purifiers, and the micro-batching they all share.
 
-(`onnxruntime` and `tensorrt` are in `puregen.export`.)
-
-The `torch` backend in fp32 is the oracle. Faster modes change only how the
-networks are evaluated: bf16/fp16 autocast, channels_last memory layout, and
-`torch.compile` of the evaluation (backend `compiled`). The image state and
-the update steps stay fp32 whatever the mode.
+The `torch` backend in fp32 is the oracle. Faster backends change only how the
+networks are evaluated: bf16/fp16 autocast, channels_last memory layout,
+`torch.compile`, exported graphs. The image state and the update steps stay
+fp32 whatever the backend.
 
 Convolution libraries choose algorithms by batch shape, so the same image can
 get a slightly different gradient in a batch of 1 than in a batch of 64. To
@@ -24,7 +22,7 @@ depended on where it came from (a numpy NHWC image gives the second, a torch
 round trip the first, the padded last micro-batch the first again), so bytes
 depended on the entry point and the batch size. So every micro-batch is
 copied into a fresh buffer whose shape, strides and alignment are fixed by
-the evaluator alone (`Evaluator.input_memory_format`), whatever the strides,
+the backend alone (`NetworkBackend.input_memory_format`), whatever the strides,
 storage offset or batch the caller's tensor had.
 
 And a sample's row of a matrix product must not depend on where in the
@@ -40,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 # MKL reads MKL_CBWR once, at its first computation, so this must run before any matrix product in the
@@ -57,10 +55,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..kernels.dispatch import implementation_name
-from .fastpath import LazyCompiled, autocast_for, resolve_precision
 
-BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -110,7 +105,7 @@ def memory_format_for(shape, channels_last: bool) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _strides(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+def strides_of(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
     """The strides `torch.empty(shape, memory_format=fmt)` has (NCHW or, for 4-D channels_last, NHWC)."""
     if fmt == torch.channels_last and len(shape) == 4:
         n, c, h, w = shape
@@ -131,29 +126,7 @@ def gemm_rows_position_invariant() -> bool:
     return all(torch.equal(F.linear(x[s : s + 16].clone(), w)[: 16 - s], ref[s:]) for s in range(1, 8))
 
 
-def check_backend(backend: str, precision: str, device: torch.device | str = "cpu") -> str:
-    """Validate the backend/precision pair; returns the precision actually used on `device`."""
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    device = torch.device(device)
-    if backend == "onnxruntime":
-        # The exported graphs are fp32; reduced precision is the compiled or TensorRT backend's job.
-        if precision not in ("fp32", "auto"):
-            raise InputError(
-                f"backend onnxruntime runs the fp32 graphs; precision {precision!r} is for --backend compiled "
-                "(bf16 on CPU and GPU) or tensorrt (fp16/bf16 on GPU)"
-            )
-        return "fp32"
-    if backend == "tensorrt":
-        if device.type != "cuda":
-            raise InputError("backend tensorrt needs --device cuda (TensorRT runs on NVIDIA GPUs only)")
-        return "fp16" if precision == "auto" else precision
-    return resolve_precision(precision, device)
-
-
-class Evaluator:
+class NetworkBackend:
     """What a backend supplies to the purifiers: the EBM energy, its input gradient and the UNet's epsilon.
 
     Subclasses set `_energy_fn`, `_grad_fn` (one fixed-shape micro-batch in,
@@ -224,107 +197,17 @@ class Evaluator:
         return {}
 
 
-class TorchEvaluator(Evaluator):
-    """The `torch` and `compiled` backends.
+@dataclass(frozen=True)
+class BackendEntry:
+    """One backend as the registry (`puregen.backends.REGISTRY`) knows it.
 
-    Defaults are the oracle: fp32, eager, contiguous NCHW (a one-channel batch, whose NCHW and NHWC
-    bytes are the same, with channels-last strides; see `memory_format_for`). `precision`
-    (fp32/bf16/fp16/auto), `channels_last` and `compile` select the fast
-    paths; each returns fp32 tensors in NCHW order. Parameter gradients are
-    never computed: the models' parameters are frozen and only the input
-    requires a gradient.
+    `build(ebm, unet, *, device, micro_batch, precision, channels_last, threads, onnx_dir, sources)`
+    makes the backend (each takes every option and ignores those it has no use for);
+    `precision_for(precision, device)` is the precision it runs for a requested one, or an
+    InputError saying why it cannot; `availability()` is its line in `puregen info`.
     """
 
-    def __init__(
-        self,
-        ebm: nn.Module | None = None,
-        unet: nn.Module | None = None,
-        *,
-        device: str | torch.device = "cpu",
-        micro_batch: int = DEFAULT_MICRO_BATCH,
-        precision: str = "fp32",
-        channels_last: bool = False,
-        compile: bool = False,
-    ):
-        device = torch.device(device)
-        super().__init__(None, None, device=device, micro_batch=micro_batch,
-                         precision=resolve_precision(precision, device))
-        self.channels_last = channels_last
-        self.backend = "compiled" if compile else "torch"
-        self.ebm = self._prepare(ebm)
-        self.unet = self._prepare(unet)
-        if self.device.type == "cpu" and not gemm_rows_position_invariant():
-            warnings.warn(
-                "this process's CPU matrix products give a row other bits at other positions (MKL initialised "
-                f"before puregen could select its strict mode, or MKL_CBWR={os.environ.get('MKL_CBWR')!r}): "
-                "networks with Linear layers (the DDPM UNet) may then give a sample other bytes in other "
-                "batches. Set MKL_CBWR=AUTO,STRICT in the environment, or import puregen before running "
-                "other torch code.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if self.device.type == "cuda":
-            # Input gradients on CUDA are reproducible only with deterministic kernels;
-            # cuBLAS needs a fixed workspace for that (set before its first use).
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=False)
-        self._energy_fn = self._maybe_compile(self._energy_eager, "EBM energy", compile)
-        self._grad_fn = self._maybe_compile(self._grad_eager, "EBM input gradient", compile)
-        self._eps_fn = self._maybe_compile(self._eps_eager, "UNet", compile)
-
-    def _prepare(self, model: nn.Module | None) -> nn.Module | None:
-        if model is None:
-            return None
-        model = model.to(self.device, torch.float32).eval()
-        model.requires_grad_(False)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
-
-    def _maybe_compile(self, fn, name: str, compile: bool):
-        return LazyCompiled(fn, name=name, cuda_graphs=self.device.type == "cuda") if compile else fn
-
-    def input_memory_format(self, shape) -> torch.memory_format:
-        return memory_format_for(shape, self.channels_last)
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        # `run_microbatched` already gives this layout; a direct caller's tensor is copied into it.
-        # Not `.contiguous(memory_format=...)`: for one channel that keeps either stride pattern.
-        fmt = self.input_memory_format(x.shape)
-        if tuple(x.stride()) == _strides(tuple(x.shape), fmt):
-            return x
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt).copy_(x)
-
-    # One fixed-shape micro-batch each: these are what `compile` traces.
-    def _energy_eager(self, b: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast_for(self.device, self.precision):
-            return self.ebm(self._layout(b)).float()
-
-    def _grad_eager(self, b: torch.Tensor) -> torch.Tensor:
-        b = self._layout(b).detach().requires_grad_(True)
-        with torch.enable_grad():
-            with autocast_for(self.device, self.precision):
-                energy = self.ebm(b).float().sum()
-            (g,) = torch.autograd.grad(energy, b)
-        return g.float().contiguous()
-
-    def _eps_eager(self, b: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast_for(self.device, self.precision):
-            return self.unet(self._layout(b), timesteps).float().contiguous()
-
-    def describe(self) -> dict:
-        info = super().describe()
-        if self.channels_last:
-            info["channels_last"] = True
-        # The networks' input layout picks the convolution kernels, so it is part of a job's fingerprint
-        # (before it was fixed per shape, one-channel jobs ran either layout, whichever the input had).
-        info["input_layout"] = "channels_last" if self.channels_last else "nchw; one channel as channels_last"
-        return info
-
-    def compile_state(self) -> dict:
-        """Which evaluations were compiled and which fell back to eager (for the run's provenance)."""
-        if self.backend != "compiled":
-            return {}
-        fns = (self._energy_fn, self._grad_fn, self._eps_fn)
-        return {fn.name: fn.state for fn in fns if fn.state != "not yet compiled"}
+    name: str
+    build: Callable[..., NetworkBackend]
+    precision_for: Callable[[str, torch.device], str]
+    availability: Callable[[], str]
