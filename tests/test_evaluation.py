@@ -57,14 +57,14 @@ def test_trigger_apply_adds_clips_and_rounds():
     images[0] = 0
     images[1] = 255
     out = trig.apply(images)
-    expected = np.rint(np.clip(images / 255.0 + trig.delta, 0, 1) * 255)
+    expected = np.rint(np.clip(images / 255.0 + trig.pattern, 0, 1) * 255)
     assert out.dtype == np.uint8
     assert np.abs(out.astype(int) - expected).max() <= 1  # float32 vs float64 rounding at .5 ties
     # After rounding, the change is at most the budget (16 levels) plus half a level.
     assert np.abs(out.astype(int) - images.astype(int)).max() <= 16
     amplified = trig.apply(images, amplify=3)
     assert np.abs(amplified.astype(int) - images.astype(int)).max() > 16
-    with pytest.raises(InputError, match="cannot be added"):
+    with pytest.raises(InputError, match="cannot be applied"):
         trig.apply(smooth_images(2, 32, 32, 3))
 
 
@@ -73,7 +73,7 @@ def test_trigger_round_trip_and_corrupt_files(tmp_path):
     trig.meta["attack"] = "test"
     trig.save(tmp_path / "t")
     back = load_trigger(tmp_path / "t")
-    assert np.array_equal(back.delta, trig.delta) and back.target == 3 and back.meta["attack"] == "test"
+    assert np.array_equal(back.pattern, trig.pattern) and back.target == 3 and back.meta["attack"] == "test"
     (tmp_path / "t" / "trigger.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(InputError, match="trigger.npy"):
         load_trigger(tmp_path / "t")
@@ -214,7 +214,7 @@ def test_shipped_demo_trigger_is_within_budget_and_clean_label():
 
     trig = shipped_trigger(DEMO_TRIGGER)
     assert trig.epsilon == pytest.approx(16 / 255) and trig.linf <= 16 / 255 + 1e-6
-    assert trig.delta.shape == (28, 28, 1) and trig.meta["attack"] == "narcissus"
+    assert trig.pattern.shape == (28, 28, 1) and trig.meta["attack"] == "narcissus"
     rows = np.array(trig.meta["contributed"]["indices"])
     assert len(rows) >= 10 and rows.min() >= VICTIM_ROWS and len(np.unique(rows)) == len(rows)
     if (FASHION_MNIST / "train-labels-idx1-ubyte.gz").exists():
@@ -298,11 +298,11 @@ def test_random_sign_triggers_fill_their_budget_and_coarse_ones_survive_a_blur()
 
     coarse, fine = random_sign_triggers((28, 28, 1), EPS, grids=(4, 14), seed=3)
     for t in (coarse, fine):
-        assert np.array_equal(np.abs(t.delta), np.full((28, 28, 1), np.float32(EPS)))  # the whole budget
-        assert 0.2 < (t.delta > 0).mean() < 0.8  # both signs: not a constant shift
+        assert np.array_equal(np.abs(t.pattern), np.full((28, 28, 1), np.float32(EPS)))  # the whole budget
+        assert 0.2 < (t.pattern > 0).mean() < 0.8  # both signs: not a constant shift
     again = random_sign_triggers((28, 28, 1), EPS, grids=(4, 14), seed=3)
-    assert np.array_equal(again[0].delta, coarse.delta)
-    assert not np.array_equal(random_sign_triggers((28, 28, 1), EPS, grids=(4,), seed=4)[0].delta, coarse.delta)
+    assert np.array_equal(again[0].pattern, coarse.pattern)
+    assert not np.array_equal(random_sign_triggers((28, 28, 1), EPS, grids=(4,), seed=4)[0].pattern, coarse.pattern)
     images = smooth_images(6)
     shared = retention_of_triggers(_Blur(), images, [coarse, fine])
     for r, t in zip(shared["retention"], (coarse, fine)):  # sharing the clean pass changes nothing

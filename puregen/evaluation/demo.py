@@ -117,7 +117,7 @@ def _examples_png(path: Path, poisoned: PoisonedSet, sets: dict[str, np.ndarray]
     """Rows: the trigger (stretched to be visible), the poisons before the trigger, then each training
     set's version of them: poisoned (no defense), then each purified one."""
     rows_idx = poisoned.poison_indices[:count]
-    stretched = np.rint((0.5 + trigger.delta / (2 * trigger.epsilon)) * 255).clip(0, 255).astype(np.uint8)
+    stretched = np.rint((0.5 + trigger.pattern / (2 * trigger.epsilon)) * 255).clip(0, 255).astype(np.uint8)
     rows = [np.repeat(stretched[None], len(rows_idx), 0), poisoned.originals[:count]]
     rows += [imgs[rows_idx] for imgs in sets.values()]
     with atomic_write_file(path) as f:
@@ -162,8 +162,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     threads = pin_threads(cfg.threads)
     trigger = _resolve_trigger(cfg.trigger)
     train, test = load_fashion_mnist(cfg.data, "train"), load_fashion_mnist(cfg.data, "test")
-    if trigger.delta.shape != train.images.shape[1:]:
-        raise InputError(f"trigger {cfg.trigger!r} has shape {trigger.delta.shape}, the data {train.images.shape[1:]}")
+    if trigger.pattern.shape != train.images.shape[1:]:
+        raise InputError(f"trigger {cfg.trigger!r} has shape {trigger.pattern.shape}, the data {train.images.shape[1:]}")
     if cfg.subset % 10 or cfg.poison_count < 1:
         raise InputError(f"--subset must be a positive multiple of 10 with at least one poison, got {cfg.subset}")
     # The victim's subset comes from the first 50,000 training images; the attacker's images (the

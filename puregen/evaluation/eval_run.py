@@ -107,7 +107,8 @@ class Victim:
         key = ps.attack
         if key not in self._triggered:
             others = self.data.test_labels != ps.target_class
-            self._triggered[key] = to_model_space(ps.test_trigger.apply(self.data.test_images[others]),
+            self._triggered[key] = to_model_space(ps.test_trigger.apply(self.data.test_images[others],
+                                                                        ps.test_amplify),
                                                   "triggered test images")
         return self._triggered[key]
 
