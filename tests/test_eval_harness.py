@@ -68,6 +68,14 @@ def test_poisoned_training_set_puts_rows_in_place():
     others = np.setdiff1d(np.arange(40), ps.indices)
     assert np.array_equal(images[others], base[others]) and np.array_equal(new_labels[others], labels[others])
     assert not np.array_equal(base[ps.indices], ps.images)  # the caller's array is untouched
+    defended = 255 - ps.images  # a defense's version of the poisons goes into their rows instead
+    images, new_labels = ps.poisoned_training_set(base, labels, poison_images=defended)
+    assert np.array_equal(images[ps.indices], defended) and np.array_equal(images[others], base[others])
+    assert (new_labels[ps.indices] == 8).all()
+    with pytest.raises(InputError, match="replaced by"):
+        ps.poisoned_training_set(base, labels, poison_images=defended[:2])
+    with pytest.raises(InputError, match="reach row 30"):
+        ps.poisoned_training_set(base[:30], labels[:30])
 
 
 def test_bad_poison_set_files_raise_clear_errors(tmp_path):

@@ -23,7 +23,7 @@ from puregen.evaluation.harness import (
     measure,
     summarize,
 )
-from puregen.evaluation.poison import clean_label_poison, contribute_poisons
+from puregen.evaluation.clean_label import clean_label_poison, contribute_poisons
 from puregen.evaluation.triggers import Trigger, load_trigger
 from puregen.training.classifier import ClassifierRecipe, train_classifier
 
@@ -91,16 +91,19 @@ def test_trigger_round_trip_and_corrupt_files(tmp_path):
 def test_clean_label_poison_touches_only_chosen_target_images():
     images = smooth_images(100)
     labels = np.arange(100) % 10
+    before = images.copy()
     trig = random_trigger(target=4)
-    p = clean_label_poison(images, labels, trig, 3, seed=1)
-    assert len(p.poison_indices) == 3 and (labels[p.poison_indices] == 4).all()
-    assert np.array_equal(p.labels, labels)  # clean-label: no label changes
-    untouched = np.setdiff1d(np.arange(100), p.poison_indices)
-    assert np.array_equal(p.images[untouched], images[untouched])
-    assert np.array_equal(p.images[p.poison_indices], trig.apply(images[p.poison_indices]))
-    assert np.array_equal(p.originals, images[p.poison_indices])
+    p = clean_label_poison(images, labels, trig, 3, seed=1, test_amplify=3)
+    assert len(p.indices) == 3 and (labels[p.indices] == 4).all()
+    assert p.test_trigger is trig and p.test_amplify == 3.0 and p.target_class == 4
+    poisoned, new_labels = p.poisoned_training_set(images, labels)
+    assert np.array_equal(new_labels, labels) and np.array_equal(p.labels, labels[p.indices])  # clean-label
+    untouched = np.setdiff1d(np.arange(100), p.indices)
+    assert np.array_equal(poisoned[untouched], images[untouched])
+    assert np.array_equal(poisoned[p.indices], trig.apply(images[p.indices]))
+    assert np.array_equal(images, before)  # the victim's images before the trigger are still there
     again = clean_label_poison(images, labels, trig, 3, seed=1)
-    assert np.array_equal(again.poison_indices, p.poison_indices)
+    assert np.array_equal(again.indices, p.indices)
     with pytest.raises(InputError, match="cannot poison 11"):
         clean_label_poison(images, labels, trig, 11, seed=0)
 
@@ -109,11 +112,13 @@ def test_contributed_poisons_replace_target_rows_and_keep_labels():
     images, labels = smooth_images(100), np.arange(100) % 10
     own = smooth_images(4, seed=9)
     trig = random_trigger(target=4)
+    own_before = own.copy()
     p = contribute_poisons(images, labels, trig, own, seed=0)
-    assert (labels[p.poison_indices] == 4).all() and np.array_equal(p.labels, labels)
-    assert np.array_equal(p.images[p.poison_indices], trig.apply(own)) and np.array_equal(p.originals, own)
-    untouched = np.setdiff1d(np.arange(100), p.poison_indices)
-    assert np.array_equal(p.images[untouched], images[untouched])
+    poisoned, new_labels = p.poisoned_training_set(images, labels)
+    assert (labels[p.indices] == 4).all() and np.array_equal(new_labels, labels)
+    assert np.array_equal(poisoned[p.indices], trig.apply(own)) and np.array_equal(own, own_before)
+    untouched = np.setdiff1d(np.arange(100), p.indices)
+    assert np.array_equal(poisoned[untouched], images[untouched])
     with pytest.raises(InputError, match="cannot place 11"):
         contribute_poisons(images, labels, trig, smooth_images(11), seed=0)
 

@@ -38,7 +38,8 @@ from .harness import (
     purify_images,
     summarize,
 )
-from .poison import PoisonedSet, clean_label_poison, contribute_poisons
+from .clean_label import clean_label_poison, contribute_poisons
+from .poison_set import PoisonSet
 from .triggers import Trigger, load_trigger, shipped_trigger
 
 DEMO_TRIGGER = "fashion-mnist-narcissus-16"
@@ -112,13 +113,13 @@ def _resolve_trigger(name: str) -> Trigger:
     return load_trigger(name) if Path(name).is_dir() else shipped_trigger(name)
 
 
-def _examples_png(path: Path, poisoned: PoisonedSet, sets: dict[str, np.ndarray], trigger: Trigger,
-                  count: int = 8) -> None:
-    """Rows: the trigger (stretched to be visible), the poisons before the trigger, then each training
-    set's version of them: poisoned (no defense), then each purified one."""
-    rows_idx = poisoned.poison_indices[:count]
+def _examples_png(path: Path, poisons: PoisonSet, originals: np.ndarray, sets: dict[str, np.ndarray],
+                  trigger: Trigger, count: int = 8) -> None:
+    """Rows: the trigger (stretched to be visible), the poisons before the trigger (`originals`), then each
+    training set's version of them: poisoned (no defense), then each purified one."""
+    rows_idx = poisons.indices[:count]
     stretched = np.rint((0.5 + trigger.pattern / (2 * trigger.epsilon)) * 255).clip(0, 255).astype(np.uint8)
-    rows = [np.repeat(stretched[None], len(rows_idx), 0), poisoned.originals[:count]]
+    rows = [np.repeat(stretched[None], len(rows_idx), 0), originals[:count]]
     rows += [imgs[rows_idx] for imgs in sets.values()]
     with atomic_write_file(path) as f:
         image_grid(np.concatenate(rows), len(rows), scale=3).save(f, format="PNG")
@@ -172,11 +173,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     clean, labels = train.images[subset], train.labels[subset]
     contributed = _contributed_images(trigger, train.images, train.labels, cfg.poison_count)
     if contributed is None:
-        poisoned = clean_label_poison(clean, labels, trigger, cfg.poison_count, seed=0)
+        poisons = clean_label_poison(clean, labels, trigger, cfg.poison_count, seed=0, test_amplify=cfg.amplify)
+        originals = clean[poisons.indices]
     else:
-        poisoned = contribute_poisons(clean, labels, trigger, contributed, seed=0)
+        poisons = contribute_poisons(clean, labels, trigger, contributed, seed=0, test_amplify=cfg.amplify)
+        originals = contributed
+    poisoned, labels = poisons.poisoned_training_set(clean, labels)
 
-    sets = {"none": poisoned.images}
+    sets = {"none": poisoned}
     timings = {}
     overrides = {"ebm": {"steps": cfg.ebm_steps, "temp": cfg.ebm_temp, "checkpoint": cfg.ebm},
                  "ddpm": {"t_star": cfg.ddpm_t_star, "checkpoint": cfg.ddpm}}
@@ -184,10 +188,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         t0 = time.perf_counter()
         options = {"micro_batch": cfg.micro_batch, "precision": cfg.precision, "backend": cfg.backend,
                    **overrides[method]}
-        sets[method] = cached_purification(method, options, poisoned.images, cfg, threads)
+        sets[method] = cached_purification(method, options, poisoned, cfg, threads)
         timings[f"purify_{method}_seconds"] = round(time.perf_counter() - t0, 1)
 
-    test_set = EvalSet.build(test.images, test.labels, trigger, cfg.amplify)
+    test_set = EvalSet.build(test.images, test.labels, poisons.test_trigger, poisons.test_amplify)
     t0 = time.perf_counter()
     measurements = evaluate_defenses(sets, labels, test_set, list(cfg.seeds), cfg.classifier, progress=cfg.progress)
     timings["train_and_measure_seconds"] = round(time.perf_counter() - t0, 1)
@@ -196,7 +200,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    _examples_png(cfg.out / "examples.png", poisoned, sets, trigger)
+    _examples_png(cfg.out / "examples.png", poisons, originals, sets, trigger)
     result = {
         "table": [asdict(r) for r in rows],
         "measurements": [asdict(m) for m in measurements],

@@ -208,8 +208,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                 defended = defense.rows(ps.images, ps.indices, f"{attack} case {case}")
                 timings[f"defend poisons {name}"] = timings.get(f"defend poisons {name}", 0) + round(
                     time.perf_counter() - t1, 1)
-                images, labels = base.copy(), data.base_labels.copy()
-                images[ps.indices], labels[ps.indices] = defended, ps.labels
+                images, labels = ps.poisoned_training_set(base, data.base_labels, poison_images=defended)
                 for s, key in keys.items():
                     if key in done:
                         rows.append(done[key])
