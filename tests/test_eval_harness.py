@@ -13,7 +13,7 @@ import pytest
 from puregen.errors import InputError
 from puregen.evaluation.attacks.badnets import checkerboard_patch, craft_badnets
 from puregen.evaluation.poison_set import ARRAYS_FILE, META_FILE, PoisonSet, load_poison_set
-from puregen.evaluation.report import Row, markdown_table, summarize, wilson_interval
+from puregen.evaluation.report import Row, markdown_table, summarize, wilson_interval, write_report
 from puregen.evaluation.triggers import Trigger
 
 from .conftest import REPO, smooth_images
@@ -161,6 +161,15 @@ def test_summary_and_table_for_backdoor_and_targeted_cells():
     table = markdown_table(list(cells.values()), {"gm": "GM"}, {"none": "None"}, {"gm": 5.0})
     assert "| None | 80.0 ± 10.0 / 81.0 | 25 [" in table and "(5/20) / 85.0 |" in table
     assert "| *chance (clean model)* | - | 5.0 |" in table
+
+
+def test_both_reports_are_written_by_one_writer(tmp_path):
+    result = {"table_markdown": "| a |\n", "setup": {"data": tmp_path}}  # a path is written as its text
+    write_report(tmp_path, result, "# report\n")
+    assert json.loads((tmp_path / "results.json").read_text()) == {"table_markdown": "| a |\n",
+                                                                   "setup": {"data": str(tmp_path)}}
+    assert (tmp_path / "results.json").read_text().endswith("}\n")
+    assert (tmp_path / "results.md").read_text() == "# report\n"
 
 
 def test_defended_poison_rows_equal_the_defended_base_rows_they_replace(tmp_path, tiny_models):

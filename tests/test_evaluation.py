@@ -16,13 +16,8 @@ from puregen.evaluation.attacks.narcissus import (
     optimise_trigger,
 )
 from puregen.evaluation.datasets import balanced_subset
-from puregen.evaluation.harness import (
-    EvalSet,
-    Measurement,
-    markdown_table,
-    measure,
-    summarize,
-)
+from puregen.evaluation.harness import EvalSet, measure
+from puregen.evaluation.report import Row, markdown_seed_table, summarize
 from puregen.evaluation.clean_label import clean_label_poison, contribute_poisons
 from puregen.evaluation.triggers import Trigger, load_trigger
 from puregen.training.classifier import ClassifierRecipe, train_classifier
@@ -164,15 +159,19 @@ def test_narcissus_trigger_stays_in_budget_and_lowers_the_target_loss():
 
 
 def test_summary_statistics_and_table():
-    ms = [Measurement("none", s, a, b, 1.0) for s, a, b in ((0, 0.80, 0.70), (1, 0.82, 0.90))]
-    ms.append(Measurement("ebm", 0, 0.79, 0.02, 1.0))
+    ms = [Row("narcissus", 0, "none", s, a, b, 1.0) for s, a, b in ((0, 0.80, 0.70), (1, 0.82, 0.90))]
+    ms.append(Row("narcissus", 0, "ebm", 0, 0.79, 0.02, 1.0))
     rows = summarize(ms)
     assert [r.defense for r in rows] == ["none", "ebm"]
     assert rows[0].natural_mean == pytest.approx(81.0) and rows[0].success_mean == pytest.approx(80.0)
     assert rows[0].success_std == pytest.approx(np.std([70, 90], ddof=1))
-    assert rows[1].success_std == 0.0 and rows[1].seeds == 1
-    table = markdown_table(rows)
+    assert rows[0].natural_std == pytest.approx(np.std([80, 82], ddof=1))
+    assert rows[1].success_std == 0.0 and rows[1].n == 1
+    table = markdown_seed_table(rows)
+    assert table.startswith("| defense | poison success % | natural accuracy % | seeds |\n|---|---|---|---|\n")
     assert "| none | 80.0 ± 14.1 | 81.0 ± 1.4 | 2 |" in table
+    with pytest.raises(ValueError, match="one backdoor attack"):
+        markdown_seed_table(summarize(ms + [Row("badnets", 0, "none", 0, 0.8, 0.5, 1.0)]))
 
 
 def test_measure_counts_only_non_target_images_as_poison_targets():

@@ -11,10 +11,9 @@ are measured on the real test set.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +27,12 @@ from ..engine.workers import keep_thread_count, purify_in_workers
 from ..errors import InputError
 from ..training.classifier import ClassifierRecipe
 from ..training.loop import fastest_training_precision
+from .clean_label import clean_label_poison, contribute_poisons
 from .datasets import FASHION_MNIST_CLASSES, balanced_subset, load_fashion_mnist
 from .figures import image_grid
-from .harness import (
-    EvalSet,
-    Summary,
-    evaluate_defenses,
-    markdown_table,
-    purify_images,
-    summarize,
-)
-from .clean_label import clean_label_poison, contribute_poisons
+from .harness import EvalSet, evaluate_defenses, purify_images
 from .poison_set import PoisonSet
+from .report import Cell, Row, markdown_seed_table, summarize, write_report
 from .triggers import Trigger, load_trigger, shipped_trigger
 
 DEMO_TRIGGER = "fashion-mnist-narcissus-16"
@@ -84,8 +77,8 @@ class DemoConfig:
 MAX_DEFENDED_SUCCESS, MIN_UNDEFENDED_SUCCESS, MAX_ACCURACY_DROP = 10.0, 60.0, 3.0
 
 
-def verdict(rows: list[Summary]) -> dict[str, bool]:
-    by = {r.defense: r for r in rows}
+def verdict(cells: list[Cell]) -> dict[str, bool]:
+    by = {c.defense: c for c in cells}
     none = by["none"]
     checks = {"no defense: poison success >= 60%": none.success_mean >= MIN_UNDEFENDED_SUCCESS}
     for name in DEFENSES:
@@ -193,17 +186,18 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     test_set = EvalSet.build(test.images, test.labels, poisons.test_trigger, poisons.test_amplify)
     t0 = time.perf_counter()
-    measurements = evaluate_defenses(sets, labels, test_set, list(cfg.seeds), cfg.classifier, progress=cfg.progress)
+    rows = evaluate_defenses(sets, labels, test_set, list(cfg.seeds), cfg.classifier, attack=poisons.attack,
+                             progress=cfg.progress)
     timings["train_and_measure_seconds"] = round(time.perf_counter() - t0, 1)
-    rows = summarize(measurements)
-    checks = verdict(rows)
+    cells = summarize(rows)
+    checks = verdict(cells)
     timings["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     _examples_png(cfg.out / "examples.png", poisons, originals, sets, trigger)
     result = {
-        "table": [asdict(r) for r in rows],
-        "measurements": [asdict(m) for m in measurements],
+        "table": [_table_entry(c) for c in cells],
+        "measurements": [_measurement_entry(r) for r in rows],
         "checks": checks,
         "passed": all(checks.values()),
         "timings": timings,
@@ -218,14 +212,22 @@ def run_demo(cfg: DemoConfig) -> dict:
             "machine": platform.processor() or platform.machine(),
         },
     }
-    with atomic_write_file(cfg.out / "results.json") as f:
-        f.write((json.dumps(result, indent=2) + "\n").encode())
-    with atomic_write_file(cfg.out / "results.md") as f:
-        f.write(report_markdown(result, rows).encode())
+    write_report(cfg.out, result, report_markdown(result, cells))
     return result
 
 
-def report_markdown(result: dict, rows: list[Summary]) -> str:
+def _table_entry(c: Cell) -> dict:
+    """A defense's line of the demo's results.json: one attack, so the defense names it."""
+    return {"defense": c.defense, "natural_mean": c.natural_mean, "natural_std": c.natural_std,
+            "success_mean": c.success_mean, "success_std": c.success_std, "seeds": c.n}
+
+
+def _measurement_entry(r: Row) -> dict:
+    return {"defense": r.defense, "seed": r.seed, "natural_accuracy": r.natural_accuracy,
+            "poison_success": r.poison_success, "train_seconds": r.train_seconds}
+
+
+def report_markdown(result: dict, cells: list[Cell]) -> str:
     s = result["setup"]
     amplified = "" if s["amplify"] == 1 else f", x{s['amplify']:g} at test time"
     head = (f"Fashion-MNIST, {s['subset']} training images, {s['poisons']} poisoned "
@@ -238,4 +240,4 @@ def report_markdown(result: dict, rows: list[Summary]) -> str:
             + ".\n\n")
     checks = "".join(f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in result["checks"].items())
     t = result["timings"]
-    return head + markdown_table(rows) + "\n" + checks + f"\nTotal time {t['total_seconds']:.0f} s.\n"
+    return head + markdown_seed_table(cells) + "\n" + checks + f"\nTotal time {t['total_seconds']:.0f} s.\n"

@@ -38,7 +38,15 @@ from .attacks.bullseye import train_transfer
 from .defending import Checkpoints, DefenseContext, PreparedDefense, default_defenses, defense_spec
 from .poison_set import PoisonSet
 from .report import (
-    Row, markdown_table, plot_cells, read_rows, require_matplotlib, summarize, write_rows, write_summary_csv,
+    Row,
+    markdown_table,
+    plot_cells,
+    read_rows,
+    require_matplotlib,
+    summarize,
+    write_report,
+    write_rows,
+    write_summary_csv,
 )
 from .scales import ScaleData, ScaleSettings, load_paper, load_small, scale_settings, smoke_data, smoke_settings
 
@@ -246,10 +254,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                         "machine": platform.machine()},
     }
     write_summary_csv(cfg.out / "summary.csv", cells)
-    with atomic_write_file(cfg.out / "results.json") as f:
-        f.write((json.dumps(result, indent=2, default=str) + "\n").encode())
-    with atomic_write_file(cfg.out / "results.md") as f:
-        f.write(report_markdown(result).encode())
+    write_report(cfg.out, result, report_markdown(result))
     plot_cells(cfg.out / "plots.png", cells, attack_labels, defense_labels)
     return result
 
