@@ -165,11 +165,6 @@ def friendly_noise(model: nn.Module, images_u8: np.ndarray, recipe: FriendlyNois
     return out
 
 
-def victim_overrides(recipe: FriendlyNoiseRecipe) -> dict:
-    """What FrieNDs changes in the victim's classifier recipe: Bernoulli noise drawn afresh at every step."""
-    return {"input_noise": recipe.random_noise}
-
-
 def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
     if num_classes < 2:
         raise InputError(f"friendly noise needs at least 2 classes, got num_classes={num_classes}")
@@ -185,7 +180,7 @@ class FriendlyNoiseDefense:
     """FrieNDs over one training set: the model pre-trained on it defines the friendly noise of every image.
 
     `puregen eval` gives it the clean base set, then noises the base set and each poison set's rows with the
-    same model (see `evaluation.defending`); the victim trains with `victim_overrides`. The model is
+    same model (see `evaluation.defending`); the victim then trains with `victim_overrides`. The model is
     pre-trained on first use, so a run whose noised images are all cached trains nothing.
     """
 
@@ -212,7 +207,8 @@ class FriendlyNoiseDefense:
 
     @property
     def victim_overrides(self) -> dict:
-        return victim_overrides(self.recipe)
+        """What FrieNDs changes in the victim's classifier recipe: Bernoulli noise drawn afresh at every step."""
+        return {"input_noise": self.recipe.random_noise}
 
     def apply(self, images_u8: np.ndarray) -> np.ndarray:
         """These uint8 NHWC images with their friendly noise (any rows: the training set's or poisons)."""
