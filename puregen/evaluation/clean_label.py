@@ -25,6 +25,7 @@ def _target_rows(labels: np.ndarray, target: int, count: int, seed: int, task: s
 
 def _poison_set(images: np.ndarray, labels: np.ndarray, trigger: Trigger, rows: np.ndarray, poisons: np.ndarray,
                 selection: str, test_amplify: float) -> PoisonSet:
+    """Clean-label: each poison keeps the label of the row it replaces."""
     return PoisonSet(str(trigger.meta.get("attack", "clean-label trigger")), rows, poisons, labels[rows],
                      trigger.target, dataset_fingerprint(images, labels)[:20],
                      {"epsilon": trigger.epsilon, "poisons": len(rows), "selection": selection},
