@@ -11,10 +11,10 @@ from puregen.evaluation.attacks.bullseye import (
     FeatureExtractor,
     bullseye_loss,
     craft_bullseye,
-    place_poisons,
     train_feature_extractor,
     train_transfer,
 )
+from puregen.evaluation.poison_set import PoisonSet
 from puregen.models.classifiers import SmallCNN
 from puregen.training.classifier import ClassifierRecipe
 
@@ -99,13 +99,15 @@ def test_placed_poisons_keep_every_label():
     images, labels = _labelled()
     rows = np.flatnonzero(labels == 1)[:3]
     poisons, _ = craft_bullseye(_extractor(), images[rows], images[0], BullseyeRecipe(steps=5), progress=False)
-    new_images, new_labels = place_poisons(images, labels, rows, poisons)
+    # As `puregen eval` keeps them: a targeted poison set whose poisons carry their rows' own labels.
+    ps = PoisonSet("bullseye", rows, poisons, labels[rows], 1, "f", target_index=0, target_true_class=int(labels[0]))
+    new_images, new_labels = ps.poisoned_training_set(images, labels)
     np.testing.assert_array_equal(new_labels, labels)
     np.testing.assert_array_equal(new_images[rows], poisons)
     untouched = np.setdiff1d(np.arange(len(images)), rows)
     np.testing.assert_array_equal(new_images[untouched], images[untouched])
-    with pytest.raises(InputError, match="one class"):
-        place_poisons(images, labels, np.array([0, 1]), images[:2])
+    with pytest.raises(InputError, match="reach row"):
+        ps.poisoned_training_set(images[: rows.max()], labels[: rows.max()])
 
 
 def _state(module):

@@ -1,4 +1,5 @@
-"""FrieNDs: friendly noise stays in its bound, is large, keeps the model's output; train-time input noise."""
+"""FrieNDs: friendly noise stays in its bound, is large, keeps the model's output; train-time input noise;
+and the defense exactly as `puregen eval` runs it, on a tiny problem."""
 
 import dataclasses
 
@@ -11,13 +12,12 @@ import puregen.training.classifier as classifier_module
 from puregen.data import to_model_space
 from puregen.errors import InputError
 from puregen.evaluation.defenses.friendly_noise import (
+    FriendlyNoiseDefense,
     FriendlyNoiseRecipe,
     _batch_noise,
     friendly_noise,
-    friendly_noise_defense,
-    victim_recipe,
 )
-from puregen.training.classifier import ClassifierRecipe, train_classifier
+from puregen.training.classifier import ClassifierRecipe, predict, train_classifier
 from puregen.training.loop import batch_indices
 
 from .conftest import smooth_images
@@ -106,28 +106,78 @@ def test_friendly_noise_is_reproducible_and_seeded(problem):
     assert not np.array_equal(a, friendly_noise(model, images, dataclasses.replace(FAST, seed=1), progress=False))
 
 
-def test_defense_pretrains_and_reports(problem):
+def _counting_training(monkeypatch):
+    """Counts the classifiers the defense trains (it should pre-train one, on first use)."""
+    trained = []
+
+    def counting(*args, **kwargs):
+        trained.append(args[3])
+        return train_classifier(*args, **kwargs)
+
+    monkeypatch.setattr("puregen.evaluation.defenses.friendly_noise.train_classifier", counting)
+    return trained
+
+
+def test_defense_pretrains_once_without_train_time_noise_and_noises_any_rows(problem, monkeypatch):
     images, labels, _ = problem
-    clf = ClassifierRecipe(epochs=1, batch_size=16, crop_padding=0, flip=False)
+    trained = _counting_training(monkeypatch)
+    # The victim's recipe may carry train-time noise; the model that defines "output unchanged" does not.
+    clf = ClassifierRecipe(epochs=1, batch_size=16, crop_padding=0, flip=False, input_noise=4 / 255)
     recipe = dataclasses.replace(FAST, pretrain_epochs=2, precision="bf16")
-    out, info = friendly_noise_defense(images, labels, 2, recipe, clf, progress=False)
+    defense = FriendlyNoiseDefense(recipe, clf, images, labels, 2, progress=False)
+    assert trained == []  # nothing is trained before the first image is noised
+    out = defense.apply(images)
     assert out.shape == images.shape and out.dtype == np.uint8
-    assert np.abs(out.astype(np.int16) - images).max() <= 16
-    assert info["defense"] == "friends" and info["recipe"] == recipe.to_dict()
-    assert info["mean_abs_levels"] > 4 and 0 <= info["changed_predictions"] <= 0.25
-    assert victim_recipe(clf, recipe) == dataclasses.replace(clf, input_noise=8 / 255)
+    diff = np.abs(out.astype(np.int16) - images)
+    assert diff.max() <= 16 and diff.mean() > 4
+    before = predict(defense.model, to_model_space(images), precision=recipe.precision)
+    after = predict(defense.model, to_model_space(out), precision=recipe.precision)
+    assert float((before != after).float().mean()) <= 0.25
+    rows = defense.apply(images[[5, 0, 9]])  # poisons' rows: noised by the same model
+    assert np.array_equal(rows, friendly_noise(defense.model, images[[5, 0, 9]], recipe, progress=False))
+    assert trained == [dataclasses.replace(clf, epochs=2, seed=recipe.seed, input_noise=0.0)]
+    expected = train_classifier(to_model_space(images), torch.from_numpy(labels), 2, trained[0], progress=False)
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in defense.model.state_dict().items())
+    assert dataclasses.replace(clf, **defense.victim_overrides) == dataclasses.replace(clf, input_noise=8 / 255)
 
 
-def test_defense_uses_the_given_model(problem, monkeypatch):
-    images, labels, model = problem
-    images, labels = images[:16], labels[:16]
+def _tiny_scale_data(n=24):
+    from puregen.evaluation.scales import ScaleData
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a model was given, so nothing should be trained")
+    images = smooth_images(n, seed=7)
+    labels = np.arange(n) % 10
+    return ScaleData("small", images, labels, images[:4], labels[:4], images, labels, images, labels,
+                     tuple("abcdefghij"), "test data")
 
-    monkeypatch.setattr("puregen.evaluation.defenses.friendly_noise.train_classifier", no_training)
-    out, _ = friendly_noise_defense(images, labels, 2, FAST, ClassifierRecipe(), model=model, progress=False)
-    assert np.array_equal(out, friendly_noise(model, images, FAST, progress=False))
+
+def test_puregen_eval_runs_this_defense_on_the_base_set_and_the_poisons(tmp_path, monkeypatch):
+    from puregen.evaluation.defending import DefenseContext, PreparedDefense, defense_spec
+    from puregen.evaluation.scales import small_settings, smoke_settings
+
+    data = _tiny_scale_data()
+    settings = smoke_settings(small_settings())
+    ctx = DefenseContext(data, settings, tmp_path / "out", smoke=True, progress=False)
+    trained = _counting_training(monkeypatch)
+    defense = PreparedDefense(defense_spec("friends"), ctx)
+    recipe = dataclasses.replace(FriendlyNoiseRecipe(), steps=2, pretrain_epochs=1)  # --smoke's
+    assert isinstance(defense.friends, FriendlyNoiseDefense) and defense.friends.recipe == recipe
+    assert defense.classifier_overrides == {"input_noise": recipe.random_noise}
+    base = defense.base()
+    rows = np.array([9, 2, 5])
+    poisons = 255 - data.base_images[rows]
+    defended = defense.rows(poisons, rows, "poisons")
+    assert len(trained) == 1  # one model, pre-trained on the clean base set, for the base set and the poisons
+    reference = FriendlyNoiseDefense(recipe, settings.classifier, data.base_images, data.base_labels, 10,
+                                     progress=False)
+    assert np.array_equal(base, reference.apply(data.base_images))
+    assert np.array_equal(defended, reference.apply(poisons))
+    assert 0 < np.abs(base.astype(int) - data.base_images).max() <= 16
+    # Cached: a rerun reads both back and trains nothing.
+    trained.clear()
+    again = PreparedDefense(defense_spec("friends"), ctx)
+    assert again.folder == defense.folder and (defense.folder / "base.npz").is_file()
+    assert np.array_equal(again.base(), base) and np.array_equal(again.rows(poisons, rows, "poisons"), defended)
+    assert trained == []
 
 
 def _tiny_training(images, labels, **changes):
@@ -196,8 +246,12 @@ def test_bad_inputs_are_refused(problem):
         friendly_noise(model, np.repeat(images, 3, axis=-1), FAST, progress=False)
     clf = ClassifierRecipe.preset("tiny")
     with pytest.raises(InputError, match="labels"):
-        friendly_noise_defense(images, labels[:-1], 2, FAST, clf, model=model, progress=False)
+        FriendlyNoiseDefense(FAST, clf, images, labels[:-1], 2, progress=False)
     with pytest.raises(InputError, match="0..1"):
-        friendly_noise_defense(images, labels + 1, 2, FAST, clf, model=model, progress=False)
+        FriendlyNoiseDefense(FAST, clf, images, labels + 1, 2, progress=False)
     with pytest.raises(InputError, match="classes"):
-        friendly_noise_defense(images, labels * 0, 1, FAST, clf, model=model, progress=False)
+        FriendlyNoiseDefense(FAST, clf, images, labels * 0, 1, progress=False)
+    with pytest.raises(InputError, match="uint8"):
+        FriendlyNoiseDefense(FAST, clf, images.astype(np.float32), labels, 2, progress=False)
+    with pytest.raises(InputError, match="steps"):
+        FriendlyNoiseDefense(dataclasses.replace(FAST, steps=0), clf, images, labels, 2, progress=False)

@@ -12,8 +12,9 @@ import pytest
 
 from puregen.errors import InputError
 from puregen.evaluation.attacks.badnets import checkerboard_patch, craft_badnets
-from puregen.evaluation.poison_set import ARRAYS_FILE, META_FILE, PoisonSet, BackdoorTrigger, load_poison_set
-from puregen.evaluation.report import Row, markdown_table, summarize, wilson_interval
+from puregen.evaluation.poison_set import ARRAYS_FILE, META_FILE, PoisonSet, load_poison_set
+from puregen.evaluation.report import Row, markdown_table, summarize, wilson_interval, write_report
+from puregen.evaluation.triggers import Trigger
 
 from .conftest import REPO, smooth_images
 
@@ -27,11 +28,11 @@ def _backdoor(kind="additive"):
     rng = np.random.default_rng(0)
     images = smooth_images(6, seed=1)
     if kind == "additive":
-        trigger = BackdoorTrigger("additive", rng.uniform(-0.05, 0.05, (28, 28, 1)).astype(np.float32), amplify=3.0)
+        trigger, amplify = Trigger(rng.uniform(-0.05, 0.05, (28, 28, 1)).astype(np.float32)), 3.0
     else:
-        trigger = checkerboard_patch((28, 28, 1))
+        trigger, amplify = checkerboard_patch((28, 28, 1)), 1.0
     return PoisonSet("narcissus", [5, 1, 9, 30, 2, 7], images, [8] * 6, 8, "abc", {"epsilon": 16 / 255}, 12.5,
-                     test_trigger=trigger)
+                     test_trigger=trigger, test_amplify=amplify)
 
 
 @pytest.mark.parametrize("kind", ["additive", "patch"])
@@ -42,9 +43,9 @@ def test_backdoor_poison_set_round_trips(tmp_path, kind):
     assert back.attack == "narcissus" and back.target_class == 8 and back.base_fingerprint == "abc"
     assert np.array_equal(back.images, ps.images) and np.array_equal(back.indices, ps.indices)
     assert np.array_equal(back.labels, ps.labels) and back.crafting_seconds == 12.5
-    assert back.test_trigger.kind == kind and back.test_trigger.amplify == ps.test_trigger.amplify
+    assert back.test_trigger.kind == kind and back.test_amplify == ps.test_amplify
     test = smooth_images(4, seed=3)
-    assert np.array_equal(back.test_trigger.apply(test), ps.test_trigger.apply(test))
+    assert np.array_equal(back.test_trigger.apply(test, back.test_amplify), ps.test_trigger.apply(test, ps.test_amplify))
     assert not back.targeted
 
 
@@ -67,6 +68,14 @@ def test_poisoned_training_set_puts_rows_in_place():
     others = np.setdiff1d(np.arange(40), ps.indices)
     assert np.array_equal(images[others], base[others]) and np.array_equal(new_labels[others], labels[others])
     assert not np.array_equal(base[ps.indices], ps.images)  # the caller's array is untouched
+    defended = 255 - ps.images  # a defense's version of the poisons goes into their rows instead
+    images, new_labels = ps.poisoned_training_set(base, labels, poison_images=defended)
+    assert np.array_equal(images[ps.indices], defended) and np.array_equal(images[others], base[others])
+    assert (new_labels[ps.indices] == 8).all()
+    with pytest.raises(InputError, match="replaced by"):
+        ps.poisoned_training_set(base, labels, poison_images=defended[:2])
+    with pytest.raises(InputError, match="reach row 30"):
+        ps.poisoned_training_set(base[:30], labels[:30])
 
 
 def test_bad_poison_set_files_raise_clear_errors(tmp_path):
@@ -101,11 +110,34 @@ def test_badnets_stamps_the_patch_and_flips_labels_of_other_classes():
     assert len(rows) == 10 and (labels[rows] != 3).all() and (new_labels == 3).all()
     inside = patch.mask[..., 0] > 0
     assert inside.sum() == 16
-    expected = np.rint(patch.trigger[inside] * 255).astype(np.uint8)
+    expected = np.rint(patch.pattern[inside] * 255).astype(np.uint8)
     assert all(np.array_equal(p[inside], expected) for p in poisoned)
     assert np.array_equal(poisoned[:, ~inside], images[rows][:, ~inside])  # only the patch changes
     with pytest.raises(InputError):
         craft_badnets(images, labels, 3, 100, patch, seed=0)
+
+
+def test_a_patch_trigger_is_stamped_and_an_additive_one_amplified(tmp_path):
+    images = smooth_images(3, seed=2)
+    patch = checkerboard_patch((28, 28, 1), size=4)
+    assert np.array_equal(patch.apply(images), patch.apply(images, 1.0))
+    with pytest.raises(InputError, match="cannot be amplified"):
+        patch.apply(images, 3.0)
+    with pytest.raises(InputError, match="cannot be amplified"):
+        PoisonSet("badnets", [1], images[:1], [3], 3, "f", test_trigger=patch, test_amplify=3.0)
+    with pytest.raises(InputError, match="saved with its poison set"):
+        patch.save(tmp_path / "patch")
+    with pytest.raises(InputError, match="needs a mask"):
+        Trigger(patch.pattern, kind="patch")
+    with pytest.raises(InputError, match="no mask"):
+        Trigger(patch.pattern, mask=patch.mask)
+    with pytest.raises(InputError, match="kind"):
+        Trigger(patch.pattern, kind="blend", mask=patch.mask)
+    additive = Trigger(np.full((28, 28, 1), 4 / 255, np.float32), 4 / 255, target=3)
+    change = additive.apply(images, 3.0).astype(int) - images
+    assert change.max() == 12 and np.array_equal(additive.apply(images).astype(int) - images, np.minimum(4, 255 - images))
+    with pytest.raises(InputError, match="pushes towards class 3"):
+        PoisonSet("narcissus", [1], images[:1], [5], 5, "f", test_trigger=additive)
 
 
 def test_wilson_interval_matches_published_values():
@@ -129,6 +161,15 @@ def test_summary_and_table_for_backdoor_and_targeted_cells():
     table = markdown_table(list(cells.values()), {"gm": "GM"}, {"none": "None"}, {"gm": 5.0})
     assert "| None | 80.0 ± 10.0 / 81.0 | 25 [" in table and "(5/20) / 85.0 |" in table
     assert "| *chance (clean model)* | - | 5.0 |" in table
+
+
+def test_both_reports_are_written_by_one_writer(tmp_path):
+    result = {"table_markdown": "| a |\n", "setup": {"data": tmp_path}}  # a path is written as its text
+    write_report(tmp_path, result, "# report\n")
+    assert json.loads((tmp_path / "results.json").read_text()) == {"table_markdown": "| a |\n",
+                                                                   "setup": {"data": str(tmp_path)}}
+    assert (tmp_path / "results.json").read_text().endswith("}\n")
+    assert (tmp_path / "results.md").read_text() == "# report\n"
 
 
 def test_defended_poison_rows_equal_the_defended_base_rows_they_replace(tmp_path, tiny_models):

@@ -16,14 +16,9 @@ from puregen.evaluation.attacks.narcissus import (
     optimise_trigger,
 )
 from puregen.evaluation.datasets import balanced_subset
-from puregen.evaluation.harness import (
-    EvalSet,
-    Measurement,
-    markdown_table,
-    measure,
-    summarize,
-)
-from puregen.evaluation.poison import clean_label_poison, contribute_poisons
+from puregen.evaluation.harness import EvalSet, measure
+from puregen.evaluation.report import Row, markdown_seed_table, summarize
+from puregen.evaluation.clean_label import clean_label_poison, contribute_poisons
 from puregen.evaluation.triggers import Trigger, load_trigger
 from puregen.training.classifier import ClassifierRecipe, train_classifier
 
@@ -57,14 +52,14 @@ def test_trigger_apply_adds_clips_and_rounds():
     images[0] = 0
     images[1] = 255
     out = trig.apply(images)
-    expected = np.rint(np.clip(images / 255.0 + trig.delta, 0, 1) * 255)
+    expected = np.rint(np.clip(images / 255.0 + trig.pattern, 0, 1) * 255)
     assert out.dtype == np.uint8
     assert np.abs(out.astype(int) - expected).max() <= 1  # float32 vs float64 rounding at .5 ties
     # After rounding, the change is at most the budget (16 levels) plus half a level.
     assert np.abs(out.astype(int) - images.astype(int)).max() <= 16
     amplified = trig.apply(images, amplify=3)
     assert np.abs(amplified.astype(int) - images.astype(int)).max() > 16
-    with pytest.raises(InputError, match="cannot be added"):
+    with pytest.raises(InputError, match="cannot be applied"):
         trig.apply(smooth_images(2, 32, 32, 3))
 
 
@@ -73,7 +68,7 @@ def test_trigger_round_trip_and_corrupt_files(tmp_path):
     trig.meta["attack"] = "test"
     trig.save(tmp_path / "t")
     back = load_trigger(tmp_path / "t")
-    assert np.array_equal(back.delta, trig.delta) and back.target == 3 and back.meta["attack"] == "test"
+    assert np.array_equal(back.pattern, trig.pattern) and back.target == 3 and back.meta["attack"] == "test"
     (tmp_path / "t" / "trigger.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(InputError, match="trigger.npy"):
         load_trigger(tmp_path / "t")
@@ -91,16 +86,19 @@ def test_trigger_round_trip_and_corrupt_files(tmp_path):
 def test_clean_label_poison_touches_only_chosen_target_images():
     images = smooth_images(100)
     labels = np.arange(100) % 10
+    before = images.copy()
     trig = random_trigger(target=4)
-    p = clean_label_poison(images, labels, trig, 3, seed=1)
-    assert len(p.poison_indices) == 3 and (labels[p.poison_indices] == 4).all()
-    assert np.array_equal(p.labels, labels)  # clean-label: no label changes
-    untouched = np.setdiff1d(np.arange(100), p.poison_indices)
-    assert np.array_equal(p.images[untouched], images[untouched])
-    assert np.array_equal(p.images[p.poison_indices], trig.apply(images[p.poison_indices]))
-    assert np.array_equal(p.originals, images[p.poison_indices])
+    p = clean_label_poison(images, labels, trig, 3, seed=1, test_amplify=3)
+    assert len(p.indices) == 3 and (labels[p.indices] == 4).all()
+    assert p.test_trigger is trig and p.test_amplify == 3.0 and p.target_class == 4
+    poisoned, new_labels = p.poisoned_training_set(images, labels)
+    assert np.array_equal(new_labels, labels) and np.array_equal(p.labels, labels[p.indices])  # clean-label
+    untouched = np.setdiff1d(np.arange(100), p.indices)
+    assert np.array_equal(poisoned[untouched], images[untouched])
+    assert np.array_equal(poisoned[p.indices], trig.apply(images[p.indices]))
+    assert np.array_equal(images, before)  # the victim's images before the trigger are still there
     again = clean_label_poison(images, labels, trig, 3, seed=1)
-    assert np.array_equal(again.poison_indices, p.poison_indices)
+    assert np.array_equal(again.indices, p.indices)
     with pytest.raises(InputError, match="cannot poison 11"):
         clean_label_poison(images, labels, trig, 11, seed=0)
 
@@ -109,11 +107,13 @@ def test_contributed_poisons_replace_target_rows_and_keep_labels():
     images, labels = smooth_images(100), np.arange(100) % 10
     own = smooth_images(4, seed=9)
     trig = random_trigger(target=4)
+    own_before = own.copy()
     p = contribute_poisons(images, labels, trig, own, seed=0)
-    assert (labels[p.poison_indices] == 4).all() and np.array_equal(p.labels, labels)
-    assert np.array_equal(p.images[p.poison_indices], trig.apply(own)) and np.array_equal(p.originals, own)
-    untouched = np.setdiff1d(np.arange(100), p.poison_indices)
-    assert np.array_equal(p.images[untouched], images[untouched])
+    poisoned, new_labels = p.poisoned_training_set(images, labels)
+    assert (labels[p.indices] == 4).all() and np.array_equal(new_labels, labels)
+    assert np.array_equal(poisoned[p.indices], trig.apply(own)) and np.array_equal(own, own_before)
+    untouched = np.setdiff1d(np.arange(100), p.indices)
+    assert np.array_equal(poisoned[untouched], images[untouched])
     with pytest.raises(InputError, match="cannot place 11"):
         contribute_poisons(images, labels, trig, smooth_images(11), seed=0)
 
@@ -159,15 +159,19 @@ def test_narcissus_trigger_stays_in_budget_and_lowers_the_target_loss():
 
 
 def test_summary_statistics_and_table():
-    ms = [Measurement("none", s, a, b, 1.0) for s, a, b in ((0, 0.80, 0.70), (1, 0.82, 0.90))]
-    ms.append(Measurement("ebm", 0, 0.79, 0.02, 1.0))
+    ms = [Row("narcissus", 0, "none", s, a, b, 1.0) for s, a, b in ((0, 0.80, 0.70), (1, 0.82, 0.90))]
+    ms.append(Row("narcissus", 0, "ebm", 0, 0.79, 0.02, 1.0))
     rows = summarize(ms)
     assert [r.defense for r in rows] == ["none", "ebm"]
     assert rows[0].natural_mean == pytest.approx(81.0) and rows[0].success_mean == pytest.approx(80.0)
     assert rows[0].success_std == pytest.approx(np.std([70, 90], ddof=1))
-    assert rows[1].success_std == 0.0 and rows[1].seeds == 1
-    table = markdown_table(rows)
+    assert rows[0].natural_std == pytest.approx(np.std([80, 82], ddof=1))
+    assert rows[1].success_std == 0.0 and rows[1].n == 1
+    table = markdown_seed_table(rows)
+    assert table.startswith("| defense | poison success % | natural accuracy % | seeds |\n|---|---|---|---|\n")
     assert "| none | 80.0 ± 14.1 | 81.0 ± 1.4 | 2 |" in table
+    with pytest.raises(ValueError, match="one backdoor attack"):
+        markdown_seed_table(summarize(ms + [Row("badnets", 0, "none", 0, 0.8, 0.5, 1.0)]))
 
 
 def test_measure_counts_only_non_target_images_as_poison_targets():
@@ -214,7 +218,7 @@ def test_shipped_demo_trigger_is_within_budget_and_clean_label():
 
     trig = shipped_trigger(DEMO_TRIGGER)
     assert trig.epsilon == pytest.approx(16 / 255) and trig.linf <= 16 / 255 + 1e-6
-    assert trig.delta.shape == (28, 28, 1) and trig.meta["attack"] == "narcissus"
+    assert trig.pattern.shape == (28, 28, 1) and trig.meta["attack"] == "narcissus"
     rows = np.array(trig.meta["contributed"]["indices"])
     assert len(rows) >= 10 and rows.min() >= VICTIM_ROWS and len(np.unique(rows)) == len(rows)
     if (FASHION_MNIST / "train-labels-idx1-ubyte.gz").exists():
@@ -298,11 +302,11 @@ def test_random_sign_triggers_fill_their_budget_and_coarse_ones_survive_a_blur()
 
     coarse, fine = random_sign_triggers((28, 28, 1), EPS, grids=(4, 14), seed=3)
     for t in (coarse, fine):
-        assert np.array_equal(np.abs(t.delta), np.full((28, 28, 1), np.float32(EPS)))  # the whole budget
-        assert 0.2 < (t.delta > 0).mean() < 0.8  # both signs: not a constant shift
+        assert np.array_equal(np.abs(t.pattern), np.full((28, 28, 1), np.float32(EPS)))  # the whole budget
+        assert 0.2 < (t.pattern > 0).mean() < 0.8  # both signs: not a constant shift
     again = random_sign_triggers((28, 28, 1), EPS, grids=(4, 14), seed=3)
-    assert np.array_equal(again[0].delta, coarse.delta)
-    assert not np.array_equal(random_sign_triggers((28, 28, 1), EPS, grids=(4,), seed=4)[0].delta, coarse.delta)
+    assert np.array_equal(again[0].pattern, coarse.pattern)
+    assert not np.array_equal(random_sign_triggers((28, 28, 1), EPS, grids=(4,), seed=4)[0].pattern, coarse.pattern)
     images = smooth_images(6)
     shared = retention_of_triggers(_Blur(), images, [coarse, fine])
     for r, t in zip(shared["retention"], (coarse, fine)):  # sharing the clean pass changes nothing

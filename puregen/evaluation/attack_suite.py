@@ -25,7 +25,7 @@ from .attacks.bullseye import BullseyeRecipe, craft_bullseye, train_feature_extr
 from .attacks.gradient_matching import GradientMatchingRecipe, craft_gradient_matching
 from .attacks.narcissus import NarcissusRecipe, craft_narcissus
 from .attacks.selection import rank_hardest
-from .poison_set import PoisonSet, BackdoorTrigger, load_poison_set
+from .poison_set import PoisonSet, load_poison_set
 from .scales import ScaleData, ScaleSettings
 
 ATTACKER_SEED = 1000  # the attacker's own models never share a seed with the victim's
@@ -183,8 +183,7 @@ def _narcissus(spec: AttackSpec, ctx: AttackContext, recipe: NarcissusRecipe) ->
     images = trigger.apply(contributed)
     params = {"epsilon": spec.epsilon, "poisons": count, "selection": selection, **trigger.meta}
     return PoisonSet(spec.name, rows, images, np.full(count, target, np.int64), target, d.fingerprint(), params,
-                     trigger.meta.get("crafting_seconds", 0.0),
-                     test_trigger=BackdoorTrigger("additive", trigger.delta, amplify=ctx.settings.amplify))
+                     trigger.meta.get("crafting_seconds", 0.0), test_trigger=trigger, test_amplify=ctx.settings.amplify)
 
 
 _ATTACKER_MODELS: dict[str, torch.nn.Module] = {}

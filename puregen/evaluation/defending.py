@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import read_dataset, to_model_space
+from ..data import read_dataset
 from ..data.atomic import write_npz_atomic
 from ..engine.factory import load_purifier
 from ..engine.noise_key import NoiseKey
@@ -41,7 +41,7 @@ from ..engine.progress import image_progress_bar
 from ..errors import InputError
 from ..methods import registry
 from ..methods.options import options_of
-from ..training.classifier import train_classifier
+from .defenses.friendly_noise import FriendlyNoiseDefense, FriendlyNoiseRecipe
 from .scales import ScaleData, ScaleSettings
 
 def purifier_methods() -> tuple[str, ...]:
@@ -104,21 +104,21 @@ class PreparedDefense:
     def __init__(self, spec: DefenseSpec, ctx: DefenseContext):
         self.spec, self.ctx = spec, ctx
         self.purifier = None
-        self.friends = None
+        self.friends: FriendlyNoiseDefense | None = None
         self.classifier_overrides: dict = {}
-        self._model = None
         config: dict = {"defense": dataclasses.asdict(spec), "seed": ctx.seed}
         if spec.kind in ("jpeg", "purifier"):
             self.purifier = self._load_purifier()
             config["purifier"] = config_fingerprint(self.purifier, ctx.seed, chunk_size=0)[0]
         elif spec.kind == "friends":
-            from .defenses.friendly_noise import FriendlyNoiseRecipe
-
             recipe = FriendlyNoiseRecipe()
             if ctx.smoke:
                 recipe = dataclasses.replace(recipe, steps=2, pretrain_epochs=1)
-            self.friends = recipe
-            self.classifier_overrides = {"input_noise": recipe.random_noise}
+            # Pre-trained on the clean base set: one model for the base rows and every poison set's.
+            d = ctx.data
+            self.friends = FriendlyNoiseDefense(recipe, ctx.settings.classifier, d.base_images, d.base_labels,
+                                                d.num_classes, progress=ctx.progress)
+            self.classifier_overrides = self.friends.victim_overrides
             config["friends"] = recipe.to_dict()
             config["classifier"] = ctx.settings.classifier.to_dict()
         self.key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -144,9 +144,7 @@ class PreparedDefense:
         if self.spec.kind == "none":
             return images.copy()
         if self.spec.kind == "friends":
-            from .defenses.friendly_noise import friendly_noise
-
-            return friendly_noise(self._friends_model(), images, self.friends, progress=self.ctx.progress)
+            return self.friends.apply(images)
         run = dict(seed=self.ctx.seed, desc=desc, progress=self.ctx.progress)
         if self.keeps_states:
             out, states = purify_rows(self.purifier, images, indices, keep_state=True, **run)
@@ -159,16 +157,6 @@ class PreparedDefense:
                 return purify_rows(self.purifier, images, indices, first_stage_output=states,
                                    **{**run, "desc": desc + f" from the {first} states"})
         return purify_rows(self.purifier, images, indices, **run)
-
-    def _friends_model(self):
-        if self._model is None:
-            d = self.ctx.data
-            recipe = dataclasses.replace(self.ctx.settings.classifier, epochs=self.friends.pretrain_epochs,
-                                         seed=self.friends.seed)
-            self._model = train_classifier(to_model_space(d.base_images), torch.from_numpy(d.base_labels),
-                                           d.num_classes, recipe, progress=self.ctx.progress,
-                                           desc="FrieNDs pre-trained model").eval()
-        return self._model
 
     def _cached(self, path: Path, images: np.ndarray, indices: np.ndarray, desc: str) -> np.ndarray:
         if path.is_file():

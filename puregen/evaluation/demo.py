@@ -11,10 +11,9 @@ are measured on the real test set.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +25,15 @@ from ..engine.factory import load_purifier, pin_threads
 from ..engine.pipeline import config_fingerprint, dataset_fingerprint
 from ..engine.workers import keep_thread_count, purify_in_workers
 from ..errors import InputError
+from ..methods import registry
 from ..training.classifier import ClassifierRecipe
 from ..training.loop import fastest_training_precision
+from .clean_label import clean_label_poison, contribute_poisons
 from .datasets import FASHION_MNIST_CLASSES, balanced_subset, load_fashion_mnist
 from .figures import image_grid
-from .harness import (
-    EvalSet,
-    Summary,
-    evaluate_defenses,
-    markdown_table,
-    purify_images,
-    summarize,
-)
-from .poison import PoisonedSet, clean_label_poison, contribute_poisons
+from .harness import EvalSet, evaluate_defenses, purify_images
+from .poison_set import PoisonSet
+from .report import Cell, Row, markdown_seed_table, summarize, write_report
 from .triggers import Trigger, load_trigger, shipped_trigger
 
 DEMO_TRIGGER = "fashion-mnist-narcissus-16"
@@ -83,8 +78,8 @@ class DemoConfig:
 MAX_DEFENDED_SUCCESS, MIN_UNDEFENDED_SUCCESS, MAX_ACCURACY_DROP = 10.0, 60.0, 3.0
 
 
-def verdict(rows: list[Summary]) -> dict[str, bool]:
-    by = {r.defense: r for r in rows}
+def verdict(cells: list[Cell]) -> dict[str, bool]:
+    by = {c.defense: c for c in cells}
     none = by["none"]
     checks = {"no defense: poison success >= 60%": none.success_mean >= MIN_UNDEFENDED_SUCCESS}
     for name in DEFENSES:
@@ -112,21 +107,27 @@ def _resolve_trigger(name: str) -> Trigger:
     return load_trigger(name) if Path(name).is_dir() else shipped_trigger(name)
 
 
-def _examples_png(path: Path, poisoned: PoisonedSet, sets: dict[str, np.ndarray], trigger: Trigger,
-                  count: int = 8) -> None:
-    """Rows: the trigger (stretched to be visible), the poisons before the trigger, then each training
-    set's version of them: poisoned (no defense), then each purified one."""
-    rows_idx = poisoned.poison_indices[:count]
-    stretched = np.rint((0.5 + trigger.delta / (2 * trigger.epsilon)) * 255).clip(0, 255).astype(np.uint8)
-    rows = [np.repeat(stretched[None], len(rows_idx), 0), poisoned.originals[:count]]
+def _examples_png(path: Path, poisons: PoisonSet, originals: np.ndarray, sets: dict[str, np.ndarray],
+                  trigger: Trigger, count: int = 8) -> None:
+    """Rows: the trigger (stretched to be visible), the poisons before the trigger (`originals`), then each
+    training set's version of them: poisoned (no defense), then each purified one."""
+    rows_idx = poisons.indices[:count]
+    stretched = np.rint((0.5 + trigger.pattern / (2 * trigger.epsilon)) * 255).clip(0, 255).astype(np.uint8)
+    rows = [np.repeat(stretched[None], len(rows_idx), 0), originals[:count]]
     rows += [imgs[rows_idx] for imgs in sets.values()]
     with atomic_write_file(path) as f:
         image_grid(np.concatenate(rows), len(rows), scale=3).save(f, format="PNG")
 
 
-# The EBM's input gradient scales well across threads (two 1-thread workers were 0.89-0.92x of one
-# 2-thread process); the UNet's many small element-wise ops do not (1.16-1.19x for the workers).
-WORKER_METHODS = ("ddpm",)
+def gains_from_workers(method: str) -> bool:
+    """Whether `method` runs faster in 1-thread worker processes than in one multi-threaded process.
+
+    The EBM's input gradient scales well across threads (two 1-thread workers were 0.89-0.92x of one
+    2-thread process); the UNet's many small element-wise ops do not (1.16-1.19x for the workers). So:
+    a method whose networks are the UNet alone, and that needs no pass over the whole dataset.
+    """
+    m = registry.get(method)
+    return m.networks == ("unet",) and m.scope == "batch"
 
 
 def cached_purification(method: str, options: dict, images: np.ndarray, cfg: DemoConfig, threads: int) -> np.ndarray:
@@ -136,7 +137,7 @@ def cached_purification(method: str, options: dict, images: np.ndarray, cfg: Dem
     (method settings, seed, checkpoints, micro-batch, threads per process), so
     a rerun with other classifier seeds or epochs skips purification.
     """
-    in_workers = cfg.workers > 1 and method in WORKER_METHODS
+    in_workers = cfg.workers > 1 and gains_from_workers(method)
     with keep_thread_count():
         purifier = load_purifier(method, threads=1 if in_workers else threads, **options)
     config_key, _ = config_fingerprint(purifier, cfg.purify_seed, chunk_size=0)
@@ -162,8 +163,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     threads = pin_threads(cfg.threads)
     trigger = _resolve_trigger(cfg.trigger)
     train, test = load_fashion_mnist(cfg.data, "train"), load_fashion_mnist(cfg.data, "test")
-    if trigger.delta.shape != train.images.shape[1:]:
-        raise InputError(f"trigger {cfg.trigger!r} has shape {trigger.delta.shape}, the data {train.images.shape[1:]}")
+    if trigger.pattern.shape != train.images.shape[1:]:
+        raise InputError(f"trigger {cfg.trigger!r} has shape {trigger.pattern.shape}, the data {train.images.shape[1:]}")
     if cfg.subset % 10 or cfg.poison_count < 1:
         raise InputError(f"--subset must be a positive multiple of 10 with at least one poison, got {cfg.subset}")
     # The victim's subset comes from the first 50,000 training images; the attacker's images (the
@@ -172,11 +173,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     clean, labels = train.images[subset], train.labels[subset]
     contributed = _contributed_images(trigger, train.images, train.labels, cfg.poison_count)
     if contributed is None:
-        poisoned = clean_label_poison(clean, labels, trigger, cfg.poison_count, seed=0)
+        poisons = clean_label_poison(clean, labels, trigger, cfg.poison_count, seed=0, test_amplify=cfg.amplify)
+        originals = clean[poisons.indices]
     else:
-        poisoned = contribute_poisons(clean, labels, trigger, contributed, seed=0)
+        poisons = contribute_poisons(clean, labels, trigger, contributed, seed=0, test_amplify=cfg.amplify)
+        originals = contributed
+    poisoned, labels = poisons.poisoned_training_set(clean, labels)
 
-    sets = {"none": poisoned.images}
+    sets = {"none": poisoned}
     timings = {}
     overrides = {"ebm": {"steps": cfg.ebm_steps, "temp": cfg.ebm_temp, "checkpoint": cfg.ebm},
                  "ddpm": {"t_star": cfg.ddpm_t_star, "checkpoint": cfg.ddpm}}
@@ -184,22 +188,23 @@ def run_demo(cfg: DemoConfig) -> dict:
         t0 = time.perf_counter()
         options = {"micro_batch": cfg.micro_batch, "precision": cfg.precision, "backend": cfg.backend,
                    **overrides[method]}
-        sets[method] = cached_purification(method, options, poisoned.images, cfg, threads)
+        sets[method] = cached_purification(method, options, poisoned, cfg, threads)
         timings[f"purify_{method}_seconds"] = round(time.perf_counter() - t0, 1)
 
-    test_set = EvalSet.build(test.images, test.labels, trigger, cfg.amplify)
+    test_set = EvalSet.build(test.images, test.labels, poisons.test_trigger, poisons.test_amplify)
     t0 = time.perf_counter()
-    measurements = evaluate_defenses(sets, labels, test_set, list(cfg.seeds), cfg.classifier, progress=cfg.progress)
+    rows = evaluate_defenses(sets, labels, test_set, list(cfg.seeds), cfg.classifier, attack=poisons.attack,
+                             progress=cfg.progress)
     timings["train_and_measure_seconds"] = round(time.perf_counter() - t0, 1)
-    rows = summarize(measurements)
-    checks = verdict(rows)
+    cells = summarize(rows)
+    checks = verdict(cells)
     timings["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    _examples_png(cfg.out / "examples.png", poisoned, sets, trigger)
+    _examples_png(cfg.out / "examples.png", poisons, originals, sets, trigger)
     result = {
-        "table": [asdict(r) for r in rows],
-        "measurements": [asdict(m) for m in measurements],
+        "table": [_table_entry(c) for c in cells],
+        "measurements": [_measurement_entry(r) for r in rows],
         "checks": checks,
         "passed": all(checks.values()),
         "timings": timings,
@@ -214,14 +219,22 @@ def run_demo(cfg: DemoConfig) -> dict:
             "machine": platform.processor() or platform.machine(),
         },
     }
-    with atomic_write_file(cfg.out / "results.json") as f:
-        f.write((json.dumps(result, indent=2) + "\n").encode())
-    with atomic_write_file(cfg.out / "results.md") as f:
-        f.write(report_markdown(result, rows).encode())
+    write_report(cfg.out, result, report_markdown(result, cells))
     return result
 
 
-def report_markdown(result: dict, rows: list[Summary]) -> str:
+def _table_entry(c: Cell) -> dict:
+    """A defense's line of the demo's results.json: one attack, so the defense names it."""
+    return {"defense": c.defense, "natural_mean": c.natural_mean, "natural_std": c.natural_std,
+            "success_mean": c.success_mean, "success_std": c.success_std, "seeds": c.n}
+
+
+def _measurement_entry(r: Row) -> dict:
+    return {"defense": r.defense, "seed": r.seed, "natural_accuracy": r.natural_accuracy,
+            "poison_success": r.poison_success, "train_seconds": r.train_seconds}
+
+
+def report_markdown(result: dict, cells: list[Cell]) -> str:
     s = result["setup"]
     amplified = "" if s["amplify"] == 1 else f", x{s['amplify']:g} at test time"
     head = (f"Fashion-MNIST, {s['subset']} training images, {s['poisons']} poisoned "
@@ -234,4 +247,4 @@ def report_markdown(result: dict, rows: list[Summary]) -> str:
             + ".\n\n")
     checks = "".join(f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in result["checks"].items())
     t = result["timings"]
-    return head + markdown_table(rows) + "\n" + checks + f"\nTotal time {t['total_seconds']:.0f} s.\n"
+    return head + markdown_seed_table(cells) + "\n" + checks + f"\nTotal time {t['total_seconds']:.0f} s.\n"

@@ -38,7 +38,15 @@ from .attacks.bullseye import train_transfer
 from .defending import Checkpoints, DefenseContext, PreparedDefense, default_defenses, defense_spec
 from .poison_set import PoisonSet
 from .report import (
-    Row, markdown_table, plot_cells, read_rows, require_matplotlib, summarize, write_rows, write_summary_csv,
+    Row,
+    markdown_table,
+    plot_cells,
+    read_rows,
+    require_matplotlib,
+    summarize,
+    write_report,
+    write_rows,
+    write_summary_csv,
 )
 from .scales import ScaleData, ScaleSettings, load_paper, load_small, scale_settings, smoke_data, smoke_settings
 
@@ -107,7 +115,8 @@ class Victim:
         key = ps.attack
         if key not in self._triggered:
             others = self.data.test_labels != ps.target_class
-            self._triggered[key] = to_model_space(ps.test_trigger.apply(self.data.test_images[others]),
+            self._triggered[key] = to_model_space(ps.test_trigger.apply(self.data.test_images[others],
+                                                                        ps.test_amplify),
                                                   "triggered test images")
         return self._triggered[key]
 
@@ -207,8 +216,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                 defended = defense.rows(ps.images, ps.indices, f"{attack} case {case}")
                 timings[f"defend poisons {name}"] = timings.get(f"defend poisons {name}", 0) + round(
                     time.perf_counter() - t1, 1)
-                images, labels = base.copy(), data.base_labels.copy()
-                images[ps.indices], labels[ps.indices] = defended, ps.labels
+                images, labels = ps.poisoned_training_set(base, data.base_labels, poison_images=defended)
                 for s, key in keys.items():
                     if key in done:
                         rows.append(done[key])
@@ -246,10 +254,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                         "machine": platform.machine()},
     }
     write_summary_csv(cfg.out / "summary.csv", cells)
-    with atomic_write_file(cfg.out / "results.json") as f:
-        f.write((json.dumps(result, indent=2, default=str) + "\n").encode())
-    with atomic_write_file(cfg.out / "results.md") as f:
-        f.write(report_markdown(result).encode())
+    write_report(cfg.out, result, report_markdown(result))
     plot_cells(cfg.out / "plots.png", cells, attack_labels, defense_labels)
     return result
 

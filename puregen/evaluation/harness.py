@@ -1,4 +1,4 @@
-"""The harness: purify a (poisoned) training set, train a classifier per defense and seed, measure.
+"""The demo's harness: purify a (poisoned) training set, train a classifier per defense and seed, measure.
 
 Natural accuracy is measured on the clean test set. Poison success is the
 share of test images *not* of the target class that the model assigns to the
@@ -18,6 +18,7 @@ from ..data import to_model_space
 from ..engine.progress import image_progress_bar
 from ..engine.purifiers import Purifier
 from ..training.classifier import ClassifierRecipe, predict, train_classifier
+from .report import Row
 from .triggers import Trigger
 
 
@@ -34,15 +35,6 @@ def purify_images(purifier: Purifier, images_u8: np.ndarray, *, seed: int, batch
     if bar is not None:
         bar.close()
     return np.concatenate(parts)
-
-
-@dataclass
-class Measurement:
-    defense: str
-    seed: int
-    natural_accuracy: float
-    poison_success: float
-    train_seconds: float
 
 
 @dataclass
@@ -73,9 +65,10 @@ def measure(model, test: EvalSet, precision: str = "fp32") -> tuple[float, float
 
 
 def evaluate_defenses(training_sets: dict[str, np.ndarray], labels: np.ndarray, test: EvalSet,
-                      seeds: list[int], recipe: ClassifierRecipe, *, progress: bool = True,
-                      num_classes: int = 10) -> list[Measurement]:
-    """Train one classifier per (defense, seed) on that defense's training set and measure it."""
+                      seeds: list[int], recipe: ClassifierRecipe, *, attack: str, progress: bool = True,
+                      num_classes: int = 10) -> list[Row]:
+    """Train one classifier per (defense, seed) on that defense's training set and measure it; the rows
+    name `attack`, the backdoor behind `test`, as `puregen eval`'s rows do."""
     y = torch.from_numpy(labels.astype(np.int64))
     results = []
     for name, images in training_sets.items():
@@ -86,36 +79,5 @@ def evaluate_defenses(training_sets: dict[str, np.ndarray], labels: np.ndarray, 
                                      progress=progress, desc=f"train [{name}, seed {seed}]")
             seconds = time.perf_counter() - t0
             natural, success = measure(model, test, recipe.precision)
-            results.append(Measurement(name, seed, natural, success, seconds))
+            results.append(Row(attack, 0, name, seed, natural, success, seconds, adversarial_class=test.target))
     return results
-
-
-@dataclass
-class Summary:
-    defense: str
-    natural_mean: float
-    natural_std: float
-    success_mean: float
-    success_std: float
-    seeds: int
-
-
-def summarize(measurements: list[Measurement]) -> list[Summary]:
-    """Mean and sample standard deviation (in %) over seeds, per defense, in first-seen order."""
-    rows = []
-    for name in dict.fromkeys(m.defense for m in measurements):
-        group = [m for m in measurements if m.defense == name]
-        nat = np.array([m.natural_accuracy for m in group]) * 100
-        suc = np.array([m.poison_success for m in group]) * 100
-        ddof = 1 if len(group) > 1 else 0
-        rows.append(Summary(name, float(nat.mean()), float(nat.std(ddof=ddof)), float(suc.mean()),
-                            float(suc.std(ddof=ddof)), len(group)))
-    return rows
-
-
-def markdown_table(rows: list[Summary]) -> str:
-    lines = ["| defense | poison success % | natural accuracy % | seeds |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.defense} | {r.success_mean:.1f} ± {r.success_std:.1f} | "
-                     f"{r.natural_mean:.1f} ± {r.natural_std:.1f} | {r.seeds} |")
-    return "\n".join(lines) + "\n"

@@ -31,42 +31,10 @@ import numpy as np
 
 from ..data.atomic import atomic_directory
 from ..errors import InputError
+from .triggers import Trigger
 
 META_FILE, ARRAYS_FILE = "poison.json", "poison.npz"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class BackdoorTrigger:
-    """How a backdoor is triggered on test images: `additive` (x + amplify * trigger) or `patch`
-    (x * (1 - mask) + mask * trigger), both in [0, 1] pixel units, then clipped and rounded to uint8."""
-
-    kind: str
-    trigger: np.ndarray
-    mask: np.ndarray | None = None
-    amplify: float = 1.0
-
-    def __post_init__(self):
-        if self.kind not in ("additive", "patch"):
-            raise InputError(f"test trigger kind must be 'additive' or 'patch', got {self.kind!r}")
-        self.trigger = np.asarray(self.trigger, dtype=np.float32)
-        if self.kind == "patch":
-            if self.mask is None or np.shape(self.mask) != self.trigger.shape:
-                raise InputError("a patch trigger needs a mask of the trigger's shape")
-            self.mask = np.asarray(self.mask, dtype=np.float32)
-        if not np.isfinite(self.trigger).all():
-            raise InputError("test trigger contains NaN or Inf")
-
-    def apply(self, images_u8: np.ndarray) -> np.ndarray:
-        if images_u8.dtype != np.uint8 or images_u8.shape[1:] != self.trigger.shape:
-            raise InputError(f"trigger of shape {self.trigger.shape} cannot be applied to {images_u8.dtype} "
-                             f"images of shape {images_u8.shape[1:]}")
-        x = images_u8.astype(np.float32) / 255.0
-        if self.kind == "additive":
-            x = x + np.float32(self.amplify) * self.trigger
-        else:
-            x = x * (1 - self.mask) + self.mask * self.trigger
-        return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 @dataclass
@@ -79,9 +47,10 @@ class PoisonSet:
     base_fingerprint: str  # of the base set `indices` refer to
     params: dict = field(default_factory=dict)
     crafting_seconds: float = 0.0
-    test_trigger: BackdoorTrigger | None = None  # backdoor attacks
+    test_trigger: Trigger | None = None  # backdoor attacks: what the test images get
     target_index: int | None = None  # targeted attacks: the row of the test set
     target_true_class: int | None = None
+    test_amplify: float = 1.0  # backdoor attacks: the multiplier of an additive test trigger (Narcissus: 3)
 
     def __post_init__(self):
         self.indices = np.asarray(self.indices, dtype=np.int64)
@@ -96,17 +65,32 @@ class PoisonSet:
             raise InputError("poison indices must be distinct rows of the base set")
         if (self.test_trigger is None) == (self.target_index is None):
             raise InputError("a poison set is either a backdoor (test trigger) or targeted (target index)")
+        if self.test_trigger is not None and self.test_trigger.target not in (-1, self.target_class):
+            raise InputError(f"the test trigger pushes towards class {self.test_trigger.target}, the poison set "
+                             f"towards {self.target_class}")
+        self.test_amplify = float(self.test_amplify)
+        if self.test_trigger is not None and self.test_trigger.kind == "patch" and self.test_amplify != 1:
+            raise InputError(f"a patch test trigger is stamped as it is; it cannot be amplified x{self.test_amplify:g}")
 
     @property
     def targeted(self) -> bool:
         return self.target_index is not None
 
-    def poisoned_training_set(self, base_images: np.ndarray, base_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The base set with the poisons in place (copies)."""
+    def poisoned_training_set(self, base_images: np.ndarray, base_labels: np.ndarray,
+                              poison_images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The base set with the poisons in place, and their labels (copies; the inputs are not written to).
+
+        `poison_images` go into the poisons' rows instead of the poisons as crafted: a defense that
+        transformed the base set and the poisons apart puts its defended poisons into its defended base set.
+        """
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(base_images)):
             raise InputError(f"poison indices reach row {self.indices.max()}, the base set has {len(base_images)}")
+        poison_images = self.images if poison_images is None else poison_images
+        if poison_images.shape != self.images.shape:
+            raise InputError(f"{len(self.images)} poisons of shape {self.images.shape[1:]} are replaced by images "
+                             f"of shape {poison_images.shape}")
         images, labels = base_images.copy(), base_labels.copy()
-        images[self.indices] = self.images
+        images[self.indices] = poison_images
         labels[self.indices] = self.labels
         return images, labels
 
@@ -119,8 +103,8 @@ class PoisonSet:
         }
         arrays = {"indices": self.indices, "images": self.images, "labels": self.labels}
         if self.test_trigger is not None:
-            meta["test_trigger"] = {"kind": self.test_trigger.kind, "amplify": self.test_trigger.amplify}
-            arrays["trigger"] = self.test_trigger.trigger
+            meta["test_trigger"] = {"kind": self.test_trigger.kind, "amplify": self.test_amplify}
+            arrays["trigger"] = self.test_trigger.pattern
             if self.test_trigger.mask is not None:
                 arrays["mask"] = self.test_trigger.mask
         else:
@@ -156,16 +140,18 @@ def load_poison_set(folder: str | os.PathLike) -> PoisonSet:
     if arrays["images"].dtype != np.uint8 or len(arrays["images"]) != meta.get("count"):
         raise InputError(f"{arrays_path}: holds {arrays['images'].dtype} images x {len(arrays['images'])}, "
                          f"its JSON says uint8 x {meta.get('count')}")
-    trigger, target = None, meta.get("target")
+    trigger, amplify, target = None, 1.0, meta.get("target")
     try:
         if "test_trigger" in meta:
             spec = meta["test_trigger"]
-            trigger = BackdoorTrigger(spec["kind"], arrays["trigger"], arrays.get("mask"), float(spec["amplify"]))
+            trigger = Trigger(arrays["trigger"], target=target_class, kind=spec["kind"], mask=arrays.get("mask"))
+            amplify = float(spec["amplify"])
         return PoisonSet(
             attack, arrays["indices"], arrays["images"], arrays["labels"], target_class, str(meta["base_fingerprint"]),
             meta.get("params", {}), float(meta.get("crafting_seconds", 0.0)), trigger,
             None if target is None else int(target["test_index"]),
             None if target is None or target.get("true_class") is None else int(target["true_class"]),
+            amplify,
         )
     except (InputError, KeyError, TypeError, ValueError) as e:
         raise InputError(f"{folder}: inconsistent poison set ({e})") from e

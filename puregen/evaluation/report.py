@@ -1,16 +1,22 @@
-"""Summaries of `puregen eval` measurements: per-cell statistics, the markdown table, CSV and plots.
+"""Measurements of `puregen eval` and `puregen demo`, their summary, and the reports both write.
 
-A cell is one (attack, defense) pair. For a backdoor attack it holds one
-measurement per classifier seed and reports mean and sample standard
-deviation; for a targeted attack it holds one measurement per target and
-reports the share of targets flipped with a 95% Wilson score interval (a
-binomial interval that stays inside [0, 100]% at 0 or n successes).
+A row is one trained classifier and what it measured. A cell is one
+(attack, defense) pair. For a backdoor attack it holds one measurement per
+classifier seed and reports mean and sample standard deviation; for a
+targeted attack it holds one measurement per target and reports the share
+of targets flipped with a 95% Wilson score interval (a binomial interval that
+stays inside [0, 100]% at 0 or n successes).
+
+Both commands write `results.json` and `results.md` with `write_report`;
+`puregen eval` adds the rows as CSV (its cache of trained classifiers), the
+cells as CSV and a plot.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -93,7 +99,10 @@ class Cell:
     flipped: int = 0
 
 
-def summarize(rows: list[Row], targeted: dict[str, bool]) -> list[Cell]:
+def summarize(rows: list[Row], targeted: dict[str, bool] | None = None) -> list[Cell]:
+    """One cell per (attack, defense), in first-seen order; `targeted` names the targeted attacks (the others
+    are backdoors, summarised over seeds)."""
+    targeted = targeted or {}
     cells = []
     for attack, defense in dict.fromkeys((r.attack, r.defense) for r in rows):
         group = [r for r in rows if r.attack == attack and r.defense == defense]
@@ -111,12 +120,21 @@ def summarize(rows: list[Row], targeted: dict[str, bool]) -> list[Cell]:
     return cells
 
 
-def cell_text(c: Cell) -> str:
+def success_text(c: Cell) -> str:
+    """Poison success %: mean ± std over seeds, or the share of targets flipped with its interval."""
     if c.targeted:
-        success = f"{c.success_mean:.0f} [{c.success_low:.0f}, {c.success_high:.0f}] ({c.flipped}/{c.n})"
-    else:
-        success = f"{c.success_mean:.1f} ± {c.success_std:.1f}"
-    return f"{success} / {c.natural_mean:.1f}"
+        return f"{c.success_mean:.0f} [{c.success_low:.0f}, {c.success_high:.0f}] ({c.flipped}/{c.n})"
+    return f"{c.success_mean:.1f} ± {c.success_std:.1f}"
+
+
+def cell_text(c: Cell) -> str:
+    return f"{success_text(c)} / {c.natural_mean:.1f}"
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(cells: list[Cell], attack_labels: dict[str, str], defense_labels: dict[str, str],
@@ -125,15 +143,28 @@ def markdown_table(cells: list[Cell], attack_labels: dict[str, str], defense_lab
     attacks = list(dict.fromkeys(c.attack for c in cells))
     defenses = list(dict.fromkeys(c.defense for c in cells))
     by = {(c.attack, c.defense): c for c in cells}
-    lines = ["| defense | " + " | ".join(attack_labels.get(a, a) for a in attacks) + " |",
-             "|---|" + "---|" * len(attacks)]
-    for d in defenses:
-        lines.append(f"| {defense_labels.get(d, d)} | "
-                     + " | ".join(cell_text(by[(a, d)]) if (a, d) in by else "-" for a in attacks) + " |")
+    body = [[defense_labels.get(d, d)] + [cell_text(by[(a, d)]) if (a, d) in by else "-" for a in attacks]
+            for d in defenses]
     if chance:
-        lines.append("| *chance (clean model)* | "
-                     + " | ".join(f"{chance[a]:.1f}" if a in chance else "-" for a in attacks) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(["*chance (clean model)*"] + [f"{chance[a]:.1f}" if a in chance else "-" for a in attacks])
+    return _markdown(["defense"] + [attack_labels.get(a, a) for a in attacks], body)
+
+
+def markdown_seed_table(cells: list[Cell]) -> str:
+    """One backdoor attack: a row per defense with poison success and natural accuracy (both mean ± std, %)
+    and the number of seeds behind them."""
+    if len({c.attack for c in cells}) > 1 or any(c.targeted for c in cells):
+        raise ValueError("a seed table summarises one backdoor attack")
+    body = [[c.defense, success_text(c), f"{c.natural_mean:.1f} ± {c.natural_std:.1f}", str(c.n)] for c in cells]
+    return _markdown(["defense", "poison success %", "natural accuracy %", "seeds"], body)
+
+
+def write_report(folder: Path, result: dict, markdown: str) -> None:
+    """`results.json` (everything in `result`) and `results.md` (the human-readable report) in `folder`."""
+    with atomic_write_file(folder / "results.json") as f:
+        f.write((json.dumps(result, indent=2, default=str) + "\n").encode())
+    with atomic_write_file(folder / "results.md") as f:
+        f.write(markdown.encode())
 
 
 def write_summary_csv(path: Path, cells: list[Cell]) -> None:

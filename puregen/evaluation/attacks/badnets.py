@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import InputError
-from ..poison_set import BackdoorTrigger
+from ..triggers import Trigger
 
 
-def checkerboard_patch(image_shape: tuple[int, int, int], size: int = 4, margin: int = 1) -> BackdoorTrigger:
+def checkerboard_patch(image_shape: tuple[int, int, int], size: int = 4, margin: int = 1) -> Trigger:
     """A size x size black-and-white checkerboard in the bottom-right corner, `margin` pixels in.
 
     A checkerboard rather than a white square: it stands out on light and on dark images alike.
@@ -30,10 +30,10 @@ def checkerboard_patch(image_shape: tuple[int, int, int], size: int = 4, margin:
     mask[rows, cols] = 1.0
     checker = (np.add.outer(np.arange(size), np.arange(size)) % 2).astype(np.float32)
     pattern[rows, cols] = checker[:, :, None]
-    return BackdoorTrigger("patch", pattern, mask)
+    return Trigger(pattern, kind="patch", mask=mask)
 
 
-def craft_badnets(images: np.ndarray, labels: np.ndarray, target_class: int, count: int, trigger: BackdoorTrigger,
+def craft_badnets(images: np.ndarray, labels: np.ndarray, target_class: int, count: int, trigger: Trigger,
                   seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices, patched images, labels = target) for `count` random rows not of the target class."""
     candidates = np.flatnonzero(labels != target_class)

@@ -241,26 +241,6 @@ def _optimise(extractors, poisons_u8, target_u8, recipe: BullseyeRecipe, progres
     return poisoned, {"loss_start": loss_start, "loss_end": loss_end, "loss_end_unrounded": loss_float}
 
 
-def place_poisons(images_u8: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                  poisons_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The training set with `rows` (all of one class: the poisons' base images) replaced by their
-    poisoned versions; the labels come back unchanged, as the attack is clean-label."""
-    _check_u8(images_u8, "training images")
-    _check_u8(poisons_u8, "poisons")
-    rows = np.asarray(rows)
-    if rows.ndim != 1 or rows.dtype.kind not in "iu" or len(rows) != len(poisons_u8):
-        raise InputError(f"rows must be {len(poisons_u8)} integer indices, one per poison, got {rows.dtype} {rows.shape}")
-    if len(np.unique(rows)) != len(rows) or rows.min() < 0 or rows.max() >= len(images_u8):
-        raise InputError(f"rows must be distinct indices into the {len(images_u8)} training images")
-    if poisons_u8.shape[1:] != images_u8.shape[1:]:
-        raise InputError(f"poisons are {poisons_u8.shape[1:]}, the training images {images_u8.shape[1:]}")
-    if len(np.unique(labels[rows])) != 1:
-        raise InputError(f"the poisoned rows must all be of one class (the poison class), got {np.unique(labels[rows])}")
-    poisoned = images_u8.copy()
-    poisoned[rows] = poisons_u8
-    return poisoned, np.array(labels, copy=True)
-
-
 def _check_labelled(images_u8, labels, num_classes: int, what: str) -> torch.Tensor:
     _check_u8(images_u8, what)
     labels = np.asarray(labels)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +52,7 @@ from torch import nn
 
 from ...data import to_model_space
 from ...errors import InputError
-from ...training.classifier import ClassifierRecipe, in_classifier_layout, predict, train_classifier
+from ...training.classifier import ClassifierRecipe, in_classifier_layout, train_classifier
 from ...training.loop import Progress, autocast, check_precision, fastest_training_precision
 from ...training.state import step_generator
 
@@ -166,11 +165,6 @@ def friendly_noise(model: nn.Module, images_u8: np.ndarray, recipe: FriendlyNois
     return out
 
 
-def victim_recipe(classifier_recipe: ClassifierRecipe, recipe: FriendlyNoiseRecipe) -> ClassifierRecipe:
-    """The victim's recipe under FrieNDs: the same, plus the train-time Bernoulli noise."""
-    return dataclasses.replace(classifier_recipe, input_noise=recipe.random_noise)
-
-
 def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
     if num_classes < 2:
         raise InputError(f"friendly noise needs at least 2 classes, got num_classes={num_classes}")
@@ -182,35 +176,40 @@ def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def friendly_noise_defense(images_u8: np.ndarray, labels: np.ndarray, num_classes: int,
-                           recipe: FriendlyNoiseRecipe, classifier_recipe: ClassifierRecipe, *,
-                           model: nn.Module | None = None, progress: bool = True) -> tuple[np.ndarray, dict]:
-    """(the FrieNDs training set, info); train the victim on it with `victim_recipe(classifier_recipe, recipe)`.
+class FriendlyNoiseDefense:
+    """FrieNDs over one training set: the model pre-trained on it defines the friendly noise of every image.
 
-    Pre-trains `classifier_recipe` for `recipe.pretrain_epochs` (seed `recipe.seed`) unless `model` is given.
+    `puregen eval` gives it the clean base set, then noises the base set and each poison set's rows with the
+    same model (see `evaluation.defending`); the victim then trains with `victim_overrides`. The model is
+    pre-trained on first use, so a run whose noised images are all cached trains nothing.
     """
-    _check_images(images_u8)
-    check_recipe(recipe)
-    y = _check_labels(labels, len(images_u8), num_classes)
-    clean = to_model_space(images_u8, "training images")
-    t0 = time.perf_counter()
-    if model is None:
-        pre = dataclasses.replace(classifier_recipe, epochs=recipe.pretrain_epochs, seed=recipe.seed, input_noise=0.0)
-        model = train_classifier(clean, y, num_classes, pre, progress=progress, desc="friends pre-training")
-    t1 = time.perf_counter()
-    noised = friendly_noise(model, images_u8, recipe, progress=progress)
-    t2 = time.perf_counter()
-    before = predict(model, clean, precision=recipe.precision)
-    after = predict(model, to_model_space(noised, "friendly-noised images"), precision=recipe.precision)
-    diff = noised.astype(np.int16) - images_u8.astype(np.int16)
-    info = {
-        "defense": "friends",
-        "recipe": recipe.to_dict(),
-        "victim_input_noise": recipe.random_noise,
-        "pretrain_seconds": round(t1 - t0, 1),
-        "noise_seconds": round(t2 - t1, 1),
-        "mean_abs_levels": round(float(np.abs(diff).mean()), 3),
-        # Of the images, the share whose pre-trained prediction the friendly noise changed (ideally ~0).
-        "changed_predictions": round(float((before != after).float().mean()), 4),
-    }
-    return noised, info
+
+    def __init__(self, recipe: FriendlyNoiseRecipe, classifier_recipe: ClassifierRecipe, images_u8: np.ndarray,
+                 labels: np.ndarray, num_classes: int, *, progress: bool = True):
+        # Everything is checked here, before the pre-training and the noise take their time.
+        _check_images(images_u8)
+        check_recipe(recipe)
+        self.recipe, self.progress = recipe, progress
+        self._labels = _check_labels(labels, len(images_u8), num_classes)
+        self._images, self._num_classes = images_u8, num_classes
+        # The model that defines "output unchanged" learns without the victim's train-time noise.
+        self.pretrain_recipe = dataclasses.replace(classifier_recipe, epochs=recipe.pretrain_epochs, seed=recipe.seed,
+                                                   input_noise=0.0)
+        self._model: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = train_classifier(to_model_space(self._images, "training images"), self._labels,
+                                           self._num_classes, self.pretrain_recipe, progress=self.progress,
+                                           desc="FrieNDs pre-trained model").eval()
+        return self._model
+
+    @property
+    def victim_overrides(self) -> dict:
+        """What FrieNDs changes in the victim's classifier recipe: Bernoulli noise drawn afresh at every step."""
+        return {"input_noise": self.recipe.random_noise}
+
+    def apply(self, images_u8: np.ndarray) -> np.ndarray:
+        """These uint8 NHWC images with their friendly noise (any rows: the training set's or poisons)."""
+        return friendly_noise(self.model, images_u8, self.recipe, progress=self.progress)
