@@ -209,3 +209,16 @@ def test_the_noise_key_is_checked_once_where_it_is_made():
     p = load_purifier("jpeg")
     with pytest.raises(TypeError, match="NoiseKey"):
         p.purify_batch(torch.zeros(1, 8, 8, 1, dtype=torch.uint8), torch.arange(1), 0)
+
+
+def test_a_given_dataset_state_is_part_of_the_jobs_fingerprint(shrink, tmp_path):
+    from puregen.engine.pipeline import config_fingerprint
+
+    images = torch.from_numpy(smooth_images(8, seed=7))
+    p = load_purifier("shrink-to-mean")
+    computed = config_fingerprint(p, 0, 16)[0]  # the job fits on its input: the input's fingerprint covers it
+    p.dataset_state = ShrinkToMean(ShrinkConfig()).fit(images, None, None)
+    given = config_fingerprint(p, 0, 16)[0]
+    p.dataset_state = ShrinkToMean(ShrinkConfig()).fit(images[:4], None, None)
+    assert len({computed, given, config_fingerprint(p, 0, 16)[0]}) == 3
+    assert config_fingerprint(load_purifier("ebm", preset="tiny"), 0, 16)[1]["method_name"] == "ebm"

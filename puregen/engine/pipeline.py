@@ -57,6 +57,7 @@ def config_fingerprint(purifier: Purifier, seed: int, chunk_size: int) -> tuple[
     """Everything that can change the output bytes; batch size is not among them."""
     evaluator = purifier.evaluator.describe() if purifier.evaluator is not None else {}
     config = {
+        "method_name": purifier.method,
         "method": purifier.config.to_dict(),
         "seed": seed,
         "chunk_size": chunk_size,
@@ -67,8 +68,26 @@ def config_fingerprint(purifier: Purifier, seed: int, chunk_size: int) -> tuple[
         # (another norm_eps, attention head size, ...) give other bytes.
         "networks": network_configs(purifier),
     }
+    if purifier.algorithm.scope != "batch" and purifier.dataset_state is not None:
+        # A dataset state given before the job (not one the job computes from its input) decides the bytes.
+        config["given_dataset_state"] = state_digest(purifier.dataset_state)
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), config
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a dataset state's values and tensors (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        h.update(name.encode())
+        if torch.is_tensor(value):
+            t = value.detach().cpu().contiguous()
+            h.update(repr((str(t.dtype), tuple(t.shape))).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def network_configs(purifier: Purifier) -> dict:
