@@ -52,7 +52,9 @@ def _cmd_purify(args) -> int:
     from ..methods.registry import configure
 
     if args.engine != "local":
-        raise InputError("--engine ray is not available in this version; use --engine local")
+        raise InputError("--engine ray (a sharded job on a Ray cluster) is not available in this version; use "
+                         "--engine local, or purify a Ray Dataset from Python with "
+                         "puregen.distributed.ray_data.purify_ray_dataset (docs/scale-out.md)")
     options = method_options(args)
     configure(args.method, args.preset, **options)  # a flag the method does not read: refused before any work
     manifest = purify_dataset(

@@ -1,0 +1,91 @@
+"""The Ray Data path against the single-process pipeline, on this machine, in one run.
+
+Purifies real Fashion-MNIST test images with the shipped default models, fp32 eager: once through
+`puregen.api.purify_dataset` in this process with `--threads` threads (the reference), and once
+through `purify_ray_dataset` on a local Ray cluster with `--actors` actors of one thread each
+(half a CPU each: Ray Data's own tasks need a share), start-up of the actors included, end to end
+from the arrays to the collected rows. Prints for both: images/s, achieved FLOP/s (counted from the
+architectures), the fraction of the fp32 convolution ceiling measured in the same run, the ratio to
+the reference, and whether the bytes are equal.
+
+    python -m benchmarks.ray_throughput --images 256 --ebm-steps 150 --t-star 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.workers import flops_per_image
+from puregen.api import load_purifier, purify_dataset
+from puregen.bench.measure import conv_ceiling
+from puregen.data import read_dataset, write_dataset
+from puregen.evaluation.datasets import default_fashion_mnist_root, load_fashion_mnist
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--ebm-steps", type=int, default=150)
+    ap.add_argument("--t-star", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    import ray
+
+    from puregen.distributed.ray_data import purify_ray_dataset
+
+    torch.set_num_threads(args.threads)
+    images = load_fashion_mnist(default_fashion_mnist_root(), "test").images[: args.images]
+    ceiling = conv_ceiling("fp32")
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_dataset(Path(tmp) / "in.npz", images)
+        for method, options, steps in (("ebm", {"steps": args.ebm_steps}, args.ebm_steps),
+                                       ("ddpm", {"t_star": args.t_star}, args.t_star)):
+            t0 = time.perf_counter()
+            purify_dataset(Path(tmp) / "in.npz", Path(tmp) / f"{method}.npz", method, threads=args.threads,
+                           micro_batch=args.micro_batch, progress=False, **options)
+            reference = time.perf_counter() - t0
+            expected = read_dataset(Path(tmp) / f"{method}.npz").images
+            items = [{"image": img, "index": i} for i, img in enumerate(images)]
+            t0 = time.perf_counter()
+            out = purify_ray_dataset(ray.data.from_items(items), method, concurrency=args.actors, num_cpus=0.5,
+                                     threads=1, batch_size=args.micro_batch, micro_batch=args.micro_batch, **options)
+            got = np.stack([r["image"] for r in sorted(out.take_all(), key=lambda r: r["index"])])
+            on_ray = time.perf_counter() - t0
+            flops = flops_per_image(load_purifier(method, **options), method, steps) * len(images)
+            # The single process runs at --threads threads, the actors at one: equal bytes are expected only
+            # where the thread count does not change them (it is part of a job's fingerprint).
+            same = bool(np.array_equal(got.reshape(expected.shape), expected))
+            for label, seconds in ((f"pipeline, 1 process x {args.threads} threads", reference),
+                                   (f"Ray Data, {args.actors} actors x 1 thread", on_ray)):
+                rows.append({"method": method, "setup": label, "images_per_s": len(images) / seconds,
+                             "gflop_per_s": flops / seconds / 1e9, "ceiling_fraction": flops / seconds / ceiling,
+                             "vs_pipeline": reference / seconds, "bytes_equal_to_pipeline": same})
+    ray.shutdown()
+    print(f"fp32 conv ceiling (3x3, 128->128, batch 64, 32x32, channels_last): {ceiling / 1e9:.1f} GFLOP/s")
+    print("| method | setup | images/s | GFLOP/s | of ceiling | vs pipeline | same bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['setup']} | {r['images_per_s']:.2f} | {r['gflop_per_s']:.1f} | "
+              f"{r['ceiling_fraction']:.0%} | {r['vs_pipeline']:.2f}x | {r['bytes_equal_to_pipeline']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceiling_flop_per_s": ceiling, "rows": rows, "args": vars(args)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
