@@ -13,7 +13,8 @@ from .engine.purifiers import Purifier
 __all__ = ["load_purifier", "purify", "purify_dataset"]
 
 # Options of the job itself; every other keyword goes to `load_purifier`.
-JOB_OPTIONS = ("batch_size", "chunk_size", "resume", "overwrite", "limit", "input_format", "split", "progress", "log")
+JOB_OPTIONS = ("batch_size", "chunk_size", "resume", "overwrite", "limit", "input_format", "split", "progress", "log",
+               "on_chunk", "chunk_runner")
 
 
 def purify(images, method: str = "ebm", *, seed: int = 0, indices=None, offset: int = 0, **load_options):
@@ -33,7 +34,7 @@ def purify_dataset(
     """Purify a dataset file or folder into `output_path`; returns the final manifest.
 
     Job options (see `run_job`): batch_size, chunk_size, resume, overwrite,
-    limit, input_format, split, progress, log. The rest load the purifier
+    limit, input_format, split, progress, log, on_chunk, chunk_runner. The rest load the purifier
     (see `load_purifier`) unless a ready `purifier` is given.
     """
     job = {key: options.pop(key) for key in JOB_OPTIONS if key in options}

@@ -97,3 +97,32 @@ def test_an_actor_that_dies_mid_run_is_restarted_and_its_batch_redone(local_ray,
     assert marker.exists(), "no actor died: the test would be vacuous"
     assert [r["index"] for r in rows] == list(range(30))  # nothing lost, nothing twice
     assert np.array_equal(np.stack([r["image"] for r in rows]), expected)
+
+
+def test_engine_ray_job_equals_the_local_job_and_resumes_after_the_driver_stops(local_ray, tiny_checkpoints,
+                                                                               tmp_path):
+    from puregen.api import purify_dataset
+    from puregen.data import read_dataset, write_dataset
+    from puregen.distributed.ray_job import RayChunkRunner
+
+    ebm, ddpm = tiny_checkpoints
+    load = {"ebm": ebm, "ddpm": ddpm, "preset": "tiny", "micro_batch": 8, "steps": 1, "t_star": 2, "threads": 1}
+    images, labels = smooth_images(40, seed=6), np.arange(40) % 10
+    write_dataset(tmp_path / "in.npz", images, labels)
+    job = dict(seed=3, chunk_size=16, batch_size=6, progress=False)
+    local = purify_dataset(tmp_path / "in.npz", tmp_path / "local.npz", "naive", **job, **load)
+
+    def stop_after_the_first_chunk(k):
+        raise KeyboardInterrupt  # the driver stops with one chunk written
+
+    with pytest.raises(KeyboardInterrupt):
+        purify_dataset(tmp_path / "in.npz", tmp_path / "ray.npz", "naive", **job, **load,
+                       chunk_runner=RayChunkRunner(num_workers=2), on_chunk=stop_after_the_first_chunk)
+    assert len(list((tmp_path / "ray.npz.parts").glob("chunk-*.npz"))) == 1
+    resumed = purify_dataset(tmp_path / "in.npz", tmp_path / "ray.npz", "naive", **job, **load, resume=True,
+                             chunk_runner=RayChunkRunner(num_workers=2))
+    out, ref = read_dataset(tmp_path / "ray.npz"), read_dataset(tmp_path / "local.npz")
+    assert np.array_equal(out.images, ref.images) and np.array_equal(out.labels, ref.labels)  # exact: the bytes
+    assert resumed["config_fingerprint"] == local["config_fingerprint"]  # the same job, run elsewhere
+    assert resumed["audit"] == local["audit"]
+    assert resumed["timing"]["images_this_run"] == 40 - 16  # the resume redid only the unfinished chunks

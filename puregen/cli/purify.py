@@ -29,13 +29,18 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help="fixed network batch shape (part of the result's fingerprint)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per resumable chunk")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all available; pinned)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all available; pinned); with --engine ray "
+                   "the threads of each actor (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--onnx-dir", metavar="DIR", help="exported graphs for --backend onnxruntime/tensorrt "
                    "(default: exported on first use into ~/.cache/puregen, or $PUREGEN_CACHE_DIR)")
-    p.add_argument("--engine", default="local", choices=("local", "ray"))
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this process; ray: the chunks purified by Ray actors (pip install 'puregen[ray]'), "
+                   "the same files, resume and bytes")
+    p.add_argument("--address", help="--engine ray: the Ray cluster to join (default: start a local one)")
+    p.add_argument("--num-workers", type=int, default=2, help="--engine ray: purifier actors (default 2)")
     p.add_argument("--format", dest="input_format", help="input format if not detected (npz, npy, idx, cifar, folder)")
     p.add_argument("--split", choices=("train", "test"), help="the part of a CIFAR-10 or IDX folder to read "
                    "(default: train where present; the files read are logged)")
@@ -51,18 +56,22 @@ def _cmd_purify(args) -> int:
     from ..methods.flags import method_options, network_checkpoints
     from ..methods.registry import configure
 
-    if args.engine != "local":
-        raise InputError("--engine ray (a sharded job on a Ray cluster) is not available in this version; use "
-                         "--engine local, or purify a Ray Dataset from Python with "
-                         "puregen.distributed.ray_data.purify_ray_dataset (docs/scale-out.md)")
+    runner = None
+    if args.engine == "ray":
+        from ..distributed.ray_job import RayChunkRunner
+
+        runner = RayChunkRunner(address=args.address, num_workers=args.num_workers)
+    elif args.address is not None:
+        raise InputError("--address is for --engine ray")
     options = method_options(args)
     configure(args.method, args.preset, **options)  # a flag the method does not read: refused before any work
     manifest = purify_dataset(
         args.input, args.output, args.method, **network_checkpoints(args), preset=args.preset, **options,
         seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,
-        threads=args.threads, device=args.device, precision=args.precision, backend=args.backend,
+        threads=args.threads if args.threads is not None or runner is None else 1, device=args.device, precision=args.precision, backend=args.backend,
         onnx_dir=args.onnx_dir, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
         input_format=args.input_format, split=args.split, progress=not args.no_progress, log=log_to_stderr,
+        chunk_runner=runner,
     )
     timing = manifest.get("timing", {})
     rate = timing.get("images_per_second_this_run")

@@ -35,16 +35,24 @@ class RayPurifier:
 
     `method` and `load_options` go to `load_purifier` in each actor (checkpoint folders, preset,
     options, micro_batch, precision, backend); `threads` is each actor's pinned thread count (match
-    it to the actor's `num_cpus`). A batch is a dict of numpy arrays: `image_column` (uint8 NHWC,
+    it to the actor's `num_cpus`). Or `purifier`, one built in the driver (sent to each actor). A batch is a dict of numpy arrays: `image_column` (uint8 NHWC,
     or NHW for one channel) and `index_column` (the rows' global indices); every other column is
     carried through, and the per-sample audit is added as `audit_<name>` columns.
     """
 
-    def __init__(self, method: str, *, seed: int = 0, threads: int = 1, image_column: str = "image",
-                 index_column: str = "index", **load_options):
+    def __init__(self, method: str | None = None, *, seed: int = 0, threads: int = 1, image_column: str = "image",
+                 index_column: str = "index", purifier=None, **load_options):
         self.seed = check_seed(seed)
         self.image_column, self.index_column = image_column, index_column
-        self.purifier = load_purifier(method, threads=threads, **load_options)
+        if purifier is None:
+            self.purifier = load_purifier(method, threads=threads, **load_options)
+        else:
+            # A purifier built in the driver (a pipeline job's): its recorded thread count is pinned here,
+            # as its job's fingerprint says.
+            from ..engine.factory import pin_threads
+
+            pin_threads(purifier.provenance.get("threads", threads))
+            self.purifier = purifier
         self.purifier.refuse_batch_route(ROUTE)
 
     def __call__(self, batch: dict) -> dict:

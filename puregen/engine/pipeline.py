@@ -205,12 +205,15 @@ def run_job(
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    chunk_runner: Callable | None = None,
 ) -> dict:
     """Purify the dataset at `input_path` into `output_path`; returns the final manifest.
 
     Every option, the input and the output location are checked before the first image is purified
     and before anything is written. `split` picks train or test in a CIFAR or IDX folder. `log`
     receives one line naming the files read (default: standard error when `progress` is on).
+    `chunk_runner` purifies the chunks elsewhere (see `purify_chunks_here`; the Ray engine's is
+    `puregen.distributed.ray_job.RayChunkRunner`): the job's files, resume and bytes are the same.
     """
     if log is None:
         log = log_to_stderr if progress else (lambda line: None)
@@ -265,11 +268,11 @@ def run_job(
     with locked(paths):
         remove_orphans(paths, target)
         return _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch_size, chunk_size,
-                           progress, on_chunk, dataset)
+                           progress, on_chunk, dataset, chunk_runner)
 
 
 def _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch_size, chunk_size, progress,
-                on_chunk, dataset) -> dict:
+                on_chunk, dataset, chunk_runner=None) -> dict:
     n = len(images)
     labels = out_data.labels
     key = job_key(manifest["input_fingerprint"], manifest["config_fingerprint"])
@@ -284,7 +287,7 @@ def _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch
             manifest["dataset_state"] = purifier.algorithm.describe_state(purifier.dataset_state)
         try:
             images_run = _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress,
-                                        on_chunk)
+                                        on_chunk, chunk_runner)
         finally:
             if dataset_pass:  # the state belongs to this dataset, not to the purifier
                 purifier.dataset_state = None
@@ -301,7 +304,25 @@ def check_writable(target: OutputTarget, data: ImageDataset) -> None:
         stored_label_dtype(data.labels, data.label_dtype, str(target.path))
 
 
-def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress, on_chunk) -> int:
+def purify_chunks_here(purifier, images, todo, seed: int, batch_size: int, bar):
+    """The chunks (k, start, stop) of `todo` purified in this process, in order: yields (k, images, audit).
+
+    Another chunk runner (`puregen.distributed.ray_job.RayChunkRunner`) takes the same arguments and
+    yields the same triples, in any order; the job writes each chunk as it comes.
+    """
+    for k, start, stop, chunk in _Prefetcher(images, todo):
+        outs, audits = [], []
+        for s in range(start, stop, batch_size):
+            e = min(s + batch_size, stop)
+            res = purifier.purify_batch(chunk[s - start : e - start], NoiseKey.rows(seed, s, e),
+                                        progress=bar.update if bar is not None else None)
+            outs.append(res.images.cpu().numpy())
+            audits.append(res.audit)
+        yield k, np.concatenate(outs), {name: np.concatenate([a[name] for a in audits]) for name in audits[0]}
+
+
+def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress, on_chunk,
+                   chunk_runner=None) -> int:
     """The main pass over the chunks not yet finished; returns how many images it purified."""
     n = len(images)
     # A chunk file is renamed into place whole and carries the job's key and its rows, so a chunk on
@@ -321,21 +342,12 @@ def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_s
     if bar is not None:
         bar.update(n - images_todo)
     writer = _Writer(paths, manifest)
+    runner = chunk_runner or purify_chunks_here
     try:
-        for k, start, stop, chunk in _Prefetcher(images, todo):
-            outs, audits = [], []
-            for s in range(start, stop, batch_size):
-                e = min(s + batch_size, stop)
-                res = purifier.purify_batch(
-                    chunk[s - start : e - start], NoiseKey.rows(seed, s, e),
-                    progress=bar.update if bar is not None else None,
-                )
-                outs.append(res.images.cpu().numpy())
-                audits.append(res.audit)
-            arrays = {"x": np.concatenate(outs), "index": np.arange(start, stop, dtype=np.int64),
-                      "job": key_array(key)}
-            for name in audits[0]:
-                arrays[f"audit_{name}"] = np.concatenate([a[name] for a in audits])
+        for k, purified, audit in runner(purifier, images, todo, seed, batch_size, bar):
+            _, start, stop = chunks[k]
+            arrays = {"x": purified, "index": np.arange(start, stop, dtype=np.int64), "job": key_array(key)}
+            arrays.update({f"audit_{name}": values for name, values in audit.items()})
             writer.put(k, arrays)
             if on_chunk is not None:
                 on_chunk(k)
