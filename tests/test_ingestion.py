@@ -175,3 +175,16 @@ def test_hf_map_equals_the_pipeline_for_image_and_array_columns(tmp_path, purifi
     fn = hf_purify_function(purifier, seed=5)  # the users' own .map call, in other batch sizes
     out = arrays.map(fn, batched=True, with_indices=True, batch_size=12, features=arrays.features)
     assert np.array_equal(np.asarray(out.with_format("numpy")["image"]), pipeline)
+
+
+def test_spawned_workers_build_the_purifier_from_a_factory(tmp_path, tiny_checkpoints, images, labels):
+    from functools import partial
+
+    factory = partial(load_purifier, "ebm", ebm=tiny_checkpoints[0], preset="tiny", steps=2, micro_batch=8,
+                      threads=1)
+    ds = PurifiedDataset(Triples(images, labels), factory, seed=5, cache=tmp_path, block_size=16)
+    assert "_purifier" in ds.__getstate__() and ds.__getstate__()["_purifier"] is None  # workers build their own
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
+                                         multiprocessing_context="spawn")
+    got = {int(i): image for b_images, _, b_index in loader for image, i in zip(b_images.numpy(), b_index.numpy())}
+    assert np.array_equal(np.stack([got[i] for i in range(N)]), factory().purify(images, seed=5))
