@@ -3,7 +3,8 @@
 An item's image is a numpy array or torch tensor (uint8 HWC or HW, or float in [0, 1], as
 `prepare_api_input` takes them), a PIL image, or nested lists of integers (how `datasets` gives an
 array column). A purified image goes back in the form it came: PIL stays PIL in its mode, a torch
-tensor stays torch, a float image is the uint8 result / 255, an HW image stays HW.
+tensor stays torch, a float image is the uint8 result / 255, an HW image stays HW. Both routes
+also pin torch to the purifier's thread count here before purifying in a worker.
 """
 
 from __future__ import annotations
@@ -81,3 +82,11 @@ def stack_items(images: Sequence, source: str) -> tuple[torch.Tensor, list[Resto
                          + ", ".join(sorted({f"{a.shape} {a.dtype}" for a in arrays})))
     x_model, _ = prepare_api_input(np.stack(arrays), source=source)
     return from_model_space(x_model), list(restorers)
+
+
+def pin_purifier_threads(purifier) -> None:
+    """Run torch at the thread count the purifier was loaded with: the bytes are those of that count,
+    whatever count the process (a loader or map worker) started with."""
+    threads = purifier.provenance.get("threads")
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
