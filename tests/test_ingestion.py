@@ -13,6 +13,7 @@ from puregen.errors import InputError
 from puregen.ingest import PurifiedDataset, hf_purify_function, purify_hf_dataset
 
 from .conftest import smooth_images
+from .test_method_registry import shrink  # noqa: F401  (a fit method registered for one test)
 
 N = 40
 
@@ -217,4 +218,20 @@ def test_every_method_gives_its_purify_bytes_through_both_routes(method, tiny_mo
     hf = datasets.Dataset.from_dict({"image": images[:12]},
                                     features=datasets.Features({"image": datasets.Array3D((28, 28, 1), "uint8")}))
     out = purify_hf_dataset(hf, p, seed=3, batch_size=5)
+    assert np.array_equal(np.asarray(out.with_format("numpy")["image"]), want)
+
+
+def test_a_fit_method_is_refused_until_its_state_is_given(shrink, tmp_path, images):
+    import datasets
+
+    p = load_purifier("shrink-to-mean")
+    with pytest.raises(InputError, match="fit on the whole input"):
+        PurifiedDataset(list(images[:12]), p)
+    with pytest.raises(InputError, match="fit on the whole input"):
+        hf_purify_function(p)
+    want = p.purify(images[:12], seed=2)  # the whole-dataset route fits on these images
+    p.dataset_state = shrink(p.config).fit(torch.from_numpy(images[:12]), None, None)
+    ds = PurifiedDataset(list(images[:12]), p, seed=2, cache=tmp_path, block_size=5)
+    assert np.array_equal(np.stack([ds[i] for i in range(12)]), want)
+    out = purify_hf_dataset(datasets.Dataset.from_dict({"image": images[:12]}), p, seed=2, batch_size=7)
     assert np.array_equal(np.asarray(out.with_format("numpy")["image"]), want)
