@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from .errors import CheckpointError, InputError, PuregenError  # noqa: E402
 
 _API = ("load_purifier", "purify", "purify_dataset")
-__all__ = [*_API, "InputError", "CheckpointError", "PuregenError", "__version__"]
+_INGEST = ("PurifiedDataset", "purify_hf_dataset", "hf_purify_function")
+__all__ = [*_API, *_INGEST, "InputError", "CheckpointError", "PuregenError", "__version__"]
 
 
 def __getattr__(name):
@@ -20,4 +21,8 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in _INGEST:
+        from . import ingest
+
+        return getattr(ingest, name)
     raise AttributeError(f"module 'puregen' has no attribute {name!r}")
