@@ -1,14 +1,17 @@
-"""The Ray Data path against the single-process pipeline, on this machine, in one run.
+"""The Ray Data path and `PurifiedDataset` against the single-process pipeline, on this machine, in one run.
 
-Purifies real Fashion-MNIST test images with the shipped default models, fp32 eager: once through
-`puregen.api.purify_dataset` in this process with `--threads` threads (the reference), and once
-through `purify_ray_dataset` on a local Ray cluster with `--actors` actors of one thread each
-(half a CPU each: Ray Data's own tasks need a share), start-up of the actors included, end to end
-from the arrays to the collected rows. Prints for both: images/s, achieved FLOP/s (counted from the
-architectures), the fraction of the fp32 convolution ceiling measured in the same run, the ratio to
-the reference, and whether the bytes are equal.
+Purifies real Fashion-MNIST test images with the shipped default models, fp32 eager, three ways:
+- `puregen.api.purify_dataset` in this process with `--threads` threads (the reference);
+- `purify_ray_dataset` on a local Ray cluster with `--actors` actors of one thread each (half a CPU
+  each: Ray Data's own tasks need a share), start-up of the actors included, end to end from the
+  arrays to the collected rows;
+- `PurifiedDataset` through a `DataLoader` with `--actors` workers of one thread each, one epoch,
+  with an empty cache (worker start-up included).
+Prints for each: images/s, achieved FLOP/s (counted from the architectures), the fraction of the
+fp32 convolution ceiling measured in the same run, the ratio to the reference, and whether the
+bytes equal the reference's.
 
-    python -m benchmarks.ray_throughput --images 256 --ebm-steps 150 --t-star 40
+    python -m benchmarks.scale_out_throughput --images 256 --ebm-steps 150 --t-star 40
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from puregen.api import load_purifier, purify_dataset
 from puregen.bench.measure import conv_ceiling
 from puregen.data import read_dataset, write_dataset
 from puregen.evaluation.datasets import default_fashion_mnist_root, load_fashion_mnist
+from puregen.ingest import PurifiedDataset
 
 
 def main(argv=None) -> int:
@@ -65,15 +69,25 @@ def main(argv=None) -> int:
                                      threads=1, batch_size=args.micro_batch, micro_batch=args.micro_batch, **options)
             got = np.stack([r["image"] for r in sorted(out.take_all(), key=lambda r: r["index"])])
             on_ray = time.perf_counter() - t0
+            loaded = load_purifier(method, threads=1, micro_batch=args.micro_batch, **options)
+            wrapped = PurifiedDataset(list(images), loaded, cache=Path(tmp) / f"cache-{method}",
+                                      block_size=args.micro_batch)
+            loader = torch.utils.data.DataLoader(wrapped, batch_size=args.micro_batch, num_workers=args.actors,
+                                                 collate_fn=lambda items: np.stack(items))
+            t0 = time.perf_counter()
+            from_loader = np.concatenate(list(loader))
+            in_loader = time.perf_counter() - t0
             flops = flops_per_image(load_purifier(method, **options), method, steps) * len(images)
-            # The single process runs at --threads threads, the actors at one: equal bytes are expected only
-            # where the thread count does not change them (it is part of a job's fingerprint).
-            same = bool(np.array_equal(got.reshape(expected.shape), expected))
-            for label, seconds in ((f"pipeline, 1 process x {args.threads} threads", reference),
-                                   (f"Ray Data, {args.actors} actors x 1 thread", on_ray)):
+            # The reference runs at --threads threads, the actors and loader workers at one: the thread count
+            # is part of a job's fingerprint, and equal bytes are checked, not assumed.
+            for label, seconds, result in (
+                    (f"pipeline, 1 process x {args.threads} threads", reference, expected),
+                    (f"Ray Data, {args.actors} actors x 1 thread", on_ray, got),
+                    (f"PurifiedDataset, {args.actors} loader workers x 1 thread", in_loader, from_loader)):
                 rows.append({"method": method, "setup": label, "images_per_s": len(images) / seconds,
                              "gflop_per_s": flops / seconds / 1e9, "ceiling_fraction": flops / seconds / ceiling,
-                             "vs_pipeline": reference / seconds, "bytes_equal_to_pipeline": same})
+                             "vs_pipeline": reference / seconds,
+                             "bytes_equal_to_pipeline": bool(np.array_equal(result.reshape(expected.shape), expected))})
     ray.shutdown()
     print(f"fp32 conv ceiling (3x3, 128->128, batch 64, 32x32, channels_last): {ceiling / 1e9:.1f} GFLOP/s")
     print("| method | setup | images/s | GFLOP/s | of ceiling | vs pipeline | same bytes |")
