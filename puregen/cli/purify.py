@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--onnx-dir", metavar="DIR", help="exported graphs for --backend onnxruntime/tensorrt "
                    "(default: exported on first use into ~/.cache/puregen, or $PUREGEN_CACHE_DIR)")
     p.add_argument("--engine", default="local", choices=("local", "ray"))
-    p.add_argument("--format", dest="input_format", help="input format if not detected (npz, npy, idx, cifar, folder)")
+    p.add_argument("--format", dest="input_format", help="input format if not detected (npz, npy, idx, cifar, folder, parquet, webdataset)")
     p.add_argument("--split", choices=("train", "test"), help="the part of a CIFAR-10 or IDX folder to read "
                    "(default: train where present; the files read are logged)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job")
