@@ -94,12 +94,14 @@ def test_read_folder_glob_and_file(tmp_path, data):
     root = _parquet_shards(tmp_path / "pq", images, labels)
     tars = _tar_shards(tmp_path / "wds", images, labels)
     for path, fmt in ((root, "parquet"), (str(root / "train-*.parquet"), "parquet"), (tars, "webdataset"),
-                      (str(tars / "shard-*.tar"), "webdataset")):
+                      (str(tars / "shard-*.tar"), "webdataset"), (str(tars / "shard-{000000..000002}.tar"), "webdataset")):
         assert detect_format(path) == fmt
         ds = read_dataset(path)
         assert np.array_equal(ds.images, images) and np.array_equal(ds.labels, labels)
         assert [(s.start, s.stop) for s in ds.shards.shards] == ROWS
         assert len(ds.files) == 3
+    with pytest.raises(InputError, match="shard-000003.tar: named by the pattern"):
+        read_dataset(str(tars / "shard-{000000..000003}.tar"), format="webdataset")
     one = read_dataset(root / "train-00001.parquet")
     assert np.array_equal(one.images, images[3:10]) and one.shards.shards[0].name == "train-00001.parquet"
 

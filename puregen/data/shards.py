@@ -9,7 +9,10 @@ WebDataset sample's other members and keys), and the writers rebuild the
 shards from it with the purified images in place of the originals.
 
 An input is one shard file, a folder of them (its visible files, sorted by
-name; sub-folders are not searched) or a glob (``data/train-*.parquet``).
+name; sub-folders are not searched), a glob (``data/train-*.parquet``) or a
+brace pattern as WebDataset writes them (``shards/train-{000..009}.tar``,
+expanded with ``braceexpand``, webdataset's own dependency; every file it
+names must exist).
 """
 
 from __future__ import annotations
@@ -61,7 +64,21 @@ class ShardLayout:
 
 
 def is_glob(path: str | os.PathLike) -> bool:
-    return any(ch in str(path) for ch in "*?[")
+    """True when ``path`` is a pattern (glob or braces) rather than one file or folder."""
+    return any(ch in str(path) for ch in "*?[{")
+
+
+def _expand(text: str) -> list[Path]:
+    """The existing files a glob or brace pattern names, sorted; a brace-named file that is missing is an error."""
+    if "{" in text:
+        from braceexpand import braceexpand
+
+        named = [Path(t) for t in braceexpand(text)]
+        missing = [t for t in named if not t.exists()]
+        if missing:
+            raise InputError(f"{missing[0]}: named by the pattern {text} but no such file")
+        return sorted(named)
+    return sorted(Path(m) for m in _glob.glob(text))
 
 
 def shard_files(path: str | os.PathLike, suffix: str) -> tuple[Path, list[tuple[Path, str]]]:
@@ -69,7 +86,7 @@ def shard_files(path: str | os.PathLike, suffix: str) -> tuple[Path, list[tuple[
     text = str(path)
     p = Path(path)
     if is_glob(text) and not p.exists():
-        matches = sorted(Path(m) for m in _glob.glob(text))
+        matches = _expand(text)
         files = [m for m in matches if m.is_file() and not m.name.startswith(".")]
         if not files:
             raise InputError(f"{text}: the pattern matches no {suffix} files")
@@ -99,7 +116,10 @@ def sharded_format_of(path: str | os.PathLike) -> str | None:
     text = str(path)
     p = Path(path)
     if is_glob(text) and not p.exists():
-        candidates = [Path(m) for m in _glob.glob(text)]
+        try:
+            candidates = _expand(text)
+        except InputError:
+            return None
     elif p.is_dir():
         candidates = [e for e in p.iterdir() if not e.name.startswith(".")]
         if not candidates or not all(e.is_file() for e in candidates):
