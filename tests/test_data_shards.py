@@ -242,3 +242,19 @@ def test_sharded_output_needs_an_input_of_its_format(tmp_path, data, tiny_models
     assert not (tmp_path / "out.parquet").exists()
     purify_dataset(tars, tmp_path / "out.npz", purifier=p, progress=False)  # shards to one .npz is fine
     assert np.array_equal(read_dataset(tmp_path / "out.npz").labels, labels)
+
+
+@pytest.mark.parametrize("kind", ["binary", "list"])
+def test_raw_pixels_as_bytes_or_lists_keep_their_type(tmp_path, kind):
+    images = smooth_images(5, 8, 6, 3)
+    flat = images.reshape(5, -1)
+    column = (pa.array([r.tobytes() for r in flat], pa.binary()) if kind == "binary"
+              else pa.array([r.tolist() for r in flat], pa.list_(pa.uint8())))
+    table = pa.table({"image": column, "k": list(range(5))}).replace_schema_metadata({"puregen.image_shape": "[8, 6, 3]"})
+    pq.write_table(table, tmp_path / "one.parquet")
+    ds = read_dataset(tmp_path / "one.parquet")
+    assert np.array_equal(ds.images, images)
+    write_dataset(tmp_path / "out.parquet", ds)
+    after = pq.read_table(tmp_path / "out.parquet" / "one.parquet")
+    assert after.schema.field("image").type == column.type and after.column("k").to_pylist() == list(range(5))
+    assert np.array_equal(read_dataset(tmp_path / "out.parquet").images, images)
