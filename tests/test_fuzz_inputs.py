@@ -514,6 +514,46 @@ def _cifar_fifo(ctx: Ctx) -> Case:
     return Case(p, p, ("FIFO",))
 
 
+# Parquet and WebDataset shards ------------------------------------------------------
+
+
+def _parquet_bytes(**columns) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def _tar_bytes(samples: list[dict]) -> bytes:
+    from webdataset import TarWriter
+
+    buf = io.BytesIO()
+    w = TarWriter(buf, encoder=False)
+    for s in samples:
+        w.write(s)
+    w.close()
+    return buf.getvalue()
+
+
+_PARQUET = lambda: _parquet_bytes(image=[_png(a[:, :, 0]) for a in _images()], label=_labels().tolist())  # noqa: E731
+_TAR = lambda: _tar_bytes([{"__key__": f"s{i}", "png": _png(a[:, :, 0]), "cls": b"1"} for i, a in enumerate(_images())])  # noqa: E731
+_truncations("parquet", "data.parquet", _PARQUET, [0, 4, 100, -8, -1], "cannot read as Parquet")
+_file_case("parquet-random-bytes", "data.parquet", lambda: np.random.default_rng(1).bytes(4096), "Parquet")
+_file_case("parquet-no-image-column", "data.parquet", lambda: _parquet_bytes(label=[1, 2]), "no 'image' column")
+_file_case("parquet-undecodable-image", "data.parquet", lambda: _parquet_bytes(image=[b"junk"] * 2), "cannot read image")
+_file_case("parquet-image-is-text", "data.parquet", lambda: _parquet_bytes(image=["a", "b"]), "encoded image bytes")
+_file_case("parquet-float-labels", "data.parquet",
+           lambda: _parquet_bytes(image=[_png(a[:, :, 0]) for a in _images()], label=[0.5] * N), "integer labels")
+_truncations("tar", "data.tar", _TAR, [100, 700, 2000, 5200], "cannot read as a WebDataset tar")
+_file_case("tar-random-bytes", "data.tar", lambda: np.random.default_rng(1).bytes(4096), "WebDataset tar")
+_file_case("tar-no-image-member", "data.tar", lambda: _tar_bytes([{"__key__": "a", "txt": b"x"}]), "no image member")
+_file_case("tar-bad-npy-member", "data.tar", lambda: _tar_bytes([{"__key__": "a", "npy": b"\x93NUMPY junk"}]), ".npy")
+_file_case("tar-bad-cls", "data.tar", lambda: _tar_bytes([{"__key__": "a", "png": _png(_images()[0, :, :, 0]), "cls": b"cat"}]),
+           "not an integer label")
+
+
 # image folders ------------------------------------------------------------------
 
 _PNG = lambda: _png(_images()[0, ..., 0])  # noqa: E731
@@ -1023,5 +1063,5 @@ def test_size_bomb_is_refused_within_bounds(name, bomb_results):
 
 def test_every_format_is_fuzzed():
     names = set(CASES) | set(BOMBS)
-    for prefix in ("npz-", "npy-", "idx-", "idx-gz-", "cifar-", "folder-", "ckpt-", "bomb-"):
+    for prefix in ("npz-", "npy-", "idx-", "idx-gz-", "cifar-", "folder-", "ckpt-", "parquet-", "tar-", "bomb-"):
         assert sum(n.startswith(prefix) for n in names) >= 5, prefix

@@ -57,7 +57,8 @@ def no_purification(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-o", "{d}/out.parquet"], "cannot tell the output format"),
+    (["-o", "{d}/out.feather"], "cannot tell the output format"),
+    (["-o", "{d}/out.parquet"], "rebuilds the shards of a parquet input"),
     (["-o", "{d}/out.npz", "--seed", "-1"], "--seed must be in"),
     (["-o", "{d}/out.npz", "--seed", str(1 << 64)], "--seed must be in"),
     (["-o", "{d}/out.npy"], "cannot hold labels"),

@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
                    "the same files, resume and bytes")
     p.add_argument("--address", help="--engine ray: the Ray cluster to join (default: start a local one)")
     p.add_argument("--num-workers", type=int, default=2, help="--engine ray: purifier actors (default 2)")
-    p.add_argument("--format", dest="input_format", help="input format if not detected (npz, npy, idx, cifar, folder)")
+    p.add_argument("--format", dest="input_format", help="input format if not detected (npz, npy, idx, cifar, folder, "
+                   "parquet, webdataset)")
     p.add_argument("--split", choices=("train", "test"), help="the part of a CIFAR-10 or IDX folder to read "
                    "(default: train where present; the files read are logged)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,9 @@ class ImageDataset:
         files: the files the data was read from, in reading order (set by
             `read_dataset` for every file format; the IDX and CIFAR readers
             name each file of a pair or a folder's batches).
+        shards: for a sharded input (Parquet, WebDataset), the layout that
+            its writer rebuilds: each shard's rows and name, and the columns
+            or members carried through (see :mod:`puregen.data.shards`).
 
     Everything is validated in ``__post_init__``; bad input raises
     :class:`~puregen.errors.InputError` naming ``source``.
@@ -49,6 +53,7 @@ class ImageDataset:
     names: tuple[str, ...] | None = None
     label_dtype: str | None = None
     files: tuple[str, ...] | None = None
+    shards: Any = None  # a puregen.data.shards.ShardLayout
 
     def __post_init__(self) -> None:
         self.source = str(self.source)
@@ -67,6 +72,8 @@ class ImageDataset:
                     f"{self.source}: {len(names)} class names given but num_classes={self.num_classes}"
                 )
             self.class_names = names
+        if self.shards is not None and (self.shards.shards[-1].stop if self.shards.shards else 0) != len(self):
+            raise InputError(f"{self.source}: the shards hold {self.shards.shards[-1].stop} rows for {len(self)} images")
         if self.labels is not None:
             self.labels = validate_labels(self.labels, self.images.shape[0], self.source, self.num_classes)
 

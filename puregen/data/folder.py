@@ -35,6 +35,7 @@ class: i.e. ``images[np.argsort(labels, kind="stable")]``).
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,9 +73,14 @@ def _visible(entries) -> list[Path]:
     return sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def _load_image(path: Path) -> np.ndarray:
-    """Decode one image to uint8 HxW (L) or HxWx3 (RGB)."""
-    src = str(path)
+def decode_image_bytes(data: bytes, src: str) -> np.ndarray:
+    """Decode one encoded image (PNG, JPEG, ...) held in memory, by the same rules as a file; ``src`` names it."""
+    return _load_image(io.BytesIO(data), src)
+
+
+def _load_image(path, src: str | None = None) -> np.ndarray:
+    """Decode one image (a path, or a binary stream named ``src``) to uint8 HxW (L) or HxWx3 (RGB)."""
+    src = str(path) if src is None else src
     try:
         with Image.open(path) as im:
             im.load()

@@ -21,13 +21,19 @@ from puregen.errors import InputError
 
 __all__ = ["OutputTarget", "output_format", "plan_output", "output_digest", "resolved", "overlaps"]
 
-OUTPUT_FORMATS = ("idx", "folder", "npz", "npy")
+OUTPUT_FORMATS = ("idx", "folder", "npz", "npy", "parquet", "webdataset")
+
+# A sharded output is a folder named with its format's suffix: it receives one shard per input shard.
+SHARDED_OUTPUT_SUFFIXES = {".parquet": "parquet", ".wds": "webdataset"}
 
 
 def output_format(path: str | os.PathLike) -> str:
     """The format that writing to ``path`` produces (see :mod:`puregen.data.writers`)."""
     text = str(path)
     p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in SHARDED_OUTPUT_SUFFIXES:
+        return SHARDED_OUTPUT_SUFFIXES[suffix]
     if text.endswith(("/", os.sep)) or p.is_dir():
         return "folder"
     if idx.is_idx_images_name(p.name):
@@ -39,7 +45,8 @@ def output_format(path: str | os.PathLike) -> str:
         return suffix[1:]
     raise InputError(
         f"{text}: cannot tell the output format from the name; use .npz, .npy, an IDX images name "
-        f"(*-images-idx3-ubyte[.gz]) or a directory path ending in '/'"
+        f"(*-images-idx3-ubyte[.gz]), a directory path ending in '/', or a shard folder named *.parquet "
+        f"(Parquet shards) or *.wds (WebDataset tar shards)"
     )
 
 
@@ -83,6 +90,17 @@ class OutputTarget:
                         f"{self.path}: is a folder that holds files other than images; refusing to write an "
                         f"image folder over it (choose a new output path)"
                     )
+        elif self.format in ("parquet", "webdataset"):
+            from puregen.data.shards import SHARD_SUFFIXES, looks_like_shard_folder
+
+            suffix = SHARD_SUFFIXES[self.format]
+            if self.path.exists() and not self.path.is_dir():
+                raise InputError(f"{self.path}: exists and is not a directory; a {self.format} output is a folder of shards")
+            if self.path.is_dir() and not looks_like_shard_folder(self.path, suffix):
+                raise InputError(
+                    f"{self.path}: is a folder that holds files other than {suffix} shards; refusing to write "
+                    f"shards over it (choose a new output path)"
+                )
         else:
             for p in self.files:
                 if p.is_dir():

@@ -11,6 +11,9 @@ Files, by name first:
 Files, else by content (after un-gzipping the first bytes):
   zip (``PK``) -> npz; ``\\x93NUMPY`` -> npy; ``00 00 08 <1..4>`` -> idx;
   pickle protocol 2..5 header -> cifar.
+Sharded (see :mod:`puregen.data.shards`): ``.parquet`` files, folders of
+  them or globs -> parquet; ``.tar`` files, folders of them or globs ->
+  webdataset (``"parquet"``, ``"webdataset"``).
 Directories:
   a CIFAR python layout -> cifar; ``*images-idx3-ubyte*`` files -> idx
   (``split`` picks train/test); anything else -> folder.
@@ -28,13 +31,14 @@ import zlib
 from pathlib import Path
 
 from puregen.data import cifar, folder, idx, npz_io
+from puregen.data.shards import is_glob, sharded_format_of
 from puregen.data.dataset import ImageDataset
 from puregen.data.validation import open_regular_file
 from puregen.errors import InputError
 
 __all__ = ["FORMATS", "detect_format", "read_dataset"]
 
-FORMATS = ("npz", "npy", "idx", "cifar", "folder")
+FORMATS = ("npz", "npy", "idx", "cifar", "folder", "parquet", "webdataset")
 
 
 def _sniff(path: Path) -> bytes:
@@ -56,8 +60,11 @@ def _sniff(path: Path) -> bytes:
 def detect_format(path: str | os.PathLike) -> str:
     """Return the format name for ``path`` (see module docs) or raise ``InputError``."""
     p = Path(path)
+    sharded = sharded_format_of(p) if p.exists() or is_glob(path) else None
+    if sharded is not None:
+        return sharded
     if not p.exists():
-        raise InputError(f"{p}: no such file or directory")
+        raise InputError(f"{p}: no such file or directory" + (" (the pattern matches no files)" if is_glob(path) else ""))
     if p.is_dir():
         if p.suffix.lower() in (".npz", ".npy"):
             raise InputError(f"{p}: is a directory, expected a {p.suffix.lower()} file")
@@ -79,6 +86,8 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.parent.name == "cifar-100-python" and p.name in ("train", "test"):
         return "cifar"
     head = _sniff(p)
+    if head[:4] == b"PAR1":
+        return "parquet"
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "npz"
     if head[:6] == b"\x93NUMPY":
@@ -107,7 +116,7 @@ def read_dataset(
     the offending file.
     """
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not (is_glob(path) and format in (None, "parquet", "webdataset")):
         raise InputError(f"{p}: no such file or directory")
     if format is None:
         format = detect_format(p)
@@ -127,6 +136,14 @@ def read_dataset(
             ds = idx.read_idx_directory(p, split=split, num_classes=num_classes)
         else:
             ds = idx.read_idx_dataset(p, num_classes=num_classes)
+    elif format == "parquet":
+        from puregen.data.parquet_io import read_parquet
+
+        ds = read_parquet(path, num_classes=num_classes)
+    elif format == "webdataset":
+        from puregen.data.webdataset_io import read_webdataset
+
+        ds = read_webdataset(path, num_classes=num_classes)
     elif format == "cifar":
         ds = cifar.read_cifar(p, split=split, num_classes=num_classes)
     else:

@@ -7,7 +7,11 @@ The target format comes from the path:
 * a path ending in ``/``, a path with no suffix, or an existing directory
   -> image folder of PNGs (see :mod:`puregen.data.folder`);
 * ``*.npz`` -> arrays ``x`` (uint8 NHWC) and ``y`` (int64; omitted without labels);
-* ``*.npy`` -> ``x`` only (giving labels is an error: they would be lost).
+* ``*.npy`` -> ``x`` only (giving labels is an error: they would be lost);
+* ``*.parquet`` / ``*.wds`` -> a folder of Parquet / WebDataset tar shards,
+  one per input shard: only for a dataset read from shards of that format
+  (an :class:`ImageDataset` carrying its ``shards``), see
+  :mod:`puregen.data.parquet_io` and :mod:`puregen.data.webdataset_io`.
 
 Every output is written to a temporary sibling and moved into place with
 ``os.replace``: a crash never leaves a half-written output, and an existing
@@ -22,11 +26,13 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from puregen.data import folder, idx, npz_io
 from puregen.data.dataset import ImageDataset
 from puregen.data.output_target import output_format
+from puregen.data.validation import validate_images_uint8
 from puregen.errors import InputError
 
 __all__ = ["write_dataset"]
@@ -55,7 +61,9 @@ def write_dataset(
     p = Path(path)
     src = str(p)
     num_classes = None
+    shards = None
     if isinstance(images, ImageDataset):
+        shards = images.shards
         ds = images
         images = ds.images
         if labels is None:
@@ -76,6 +84,8 @@ def write_dataset(
     fmt = output_format(path)
     if fmt != "folder" and class_names is not None:
         raise InputError(f"{src}: class_names can only be stored in an image folder")
+    if fmt in ("parquet", "webdataset"):
+        return _write_shards(p, fmt, images, labels, shards)
     if fmt == "idx":
         return idx.write_idx_dataset(p, images, labels)[0]
     if fmt == "folder":
@@ -88,3 +98,23 @@ def write_dataset(
         raise InputError(f"{src}: a .npy file cannot hold labels; write a .npz to keep them")
     return npz_io.write_npy(p, images)
 
+
+
+def check_shards_writable(path, fmt: str, shards) -> None:
+    """A sharded output rebuilds the shards of an input of its own format (their labels and extras kept)."""
+    if shards is None or shards.format != fmt:
+        got = "an unsharded dataset" if shards is None else f"{shards.format} shards"
+        raise InputError(f"{path}: a {fmt} output rebuilds the shards of a {fmt} input, and the data is {got}; "
+                         f"write .npz or an image folder instead")
+
+
+def _write_shards(p: Path, fmt: str, images, labels, shards) -> Path:
+    from puregen.data import parquet_io, webdataset_io
+
+    images = validate_images_uint8(images, str(p))
+    check_shards_writable(p, fmt, shards)  # labels travel in the shards' own column / cls member, unchanged
+    if shards.shards[-1].stop != len(images):
+        raise InputError(f"{p}: {len(images)} images for shards of {shards.shards[-1].stop} rows")
+    if fmt == "parquet":
+        return parquet_io.write_parquet_shards(p, images, shards)
+    return webdataset_io.write_webdataset_shards(p, images, shards)

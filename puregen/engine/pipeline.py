@@ -29,6 +29,7 @@ from ..data import ImageDataset, read_dataset, write_dataset
 from ..data.atomic import write_json_atomic, write_npz_atomic
 from ..data.output_target import OutputTarget, output_digest, output_format, overlaps, plan_output, resolved
 from ..data.idx import check_idx_dataset
+from ..data.writers import check_shards_writable
 from ..data.npz_io import stored_label_dtype
 from ..errors import InputError
 from .job_folder import (
@@ -237,7 +238,7 @@ def run_job(
     out_data = ImageDataset(images, labels, str(target.path), dataset.num_classes,
                             dataset.class_names if target.format == "folder" else None,
                             names=dataset.names[:n] if dataset.names is not None and target.format == "folder" else None,
-                            label_dtype=dataset.label_dtype)
+                            label_dtype=dataset.label_dtype, shards=_output_shards(dataset, target, n))
     check_writable(target, out_data)
     log(_describe_read(dataset, input_path, n))
     input_fp = dataset_fingerprint(images, labels)
@@ -296,8 +297,20 @@ def _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch
     return _merge(paths, target, manifest, chunks, key, out_data, elapsed, images_run, runtime, dataset)
 
 
+def _output_shards(dataset: ImageDataset, target: OutputTarget, n: int):
+    """The input's shard layout for a sharded output, cut to the ``n`` rows purified; None otherwise."""
+    if target.format not in ("parquet", "webdataset") or dataset.shards is None:
+        return None
+    from ..data.parquet_io import head_rows
+    from ..data.webdataset_io import head_samples
+
+    return dataset.shards.head(n, head_rows if dataset.shards.format == "parquet" else head_samples)
+
+
 def check_writable(target: OutputTarget, data: ImageDataset) -> None:
     """What the writer would refuse at the end (the writers' own checks), refused now."""
+    if target.format in ("parquet", "webdataset"):
+        check_shards_writable(target.path, target.format, data.shards)
     if target.format == "idx":
         check_idx_dataset(data.images.shape, data.labels, str(target.path))
     if target.format == "npz" and data.labels is not None:
