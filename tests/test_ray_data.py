@@ -126,3 +126,27 @@ def test_engine_ray_job_equals_the_local_job_and_resumes_after_the_driver_stops(
     assert resumed["config_fingerprint"] == local["config_fingerprint"]  # the same job, run elsewhere
     assert resumed["audit"] == local["audit"]
     assert resumed["timing"]["images_this_run"] == 40 - 16  # the resume redid only the unfinished chunks
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "wds"])
+def test_engine_ray_with_shards_in_and_out_equals_the_single_process_npz_run(local_ray, tiny_checkpoints, tmp_path,
+                                                                            fmt):
+    from puregen.api import purify_dataset
+    from puregen.data import read_dataset, write_dataset
+    from puregen.distributed.ray_job import RayChunkRunner
+
+    from .test_data_shards import _parquet_shards, _tar_shards
+
+    ebm, _ = tiny_checkpoints
+    load = {"ebm": ebm, "preset": "tiny", "micro_batch": 8, "steps": 2, "threads": 1}
+    images, labels = smooth_images(14, seed=5), np.arange(14) % 4  # the shard tests' 3 uneven shards, 14 rows
+    shards = (_parquet_shards if fmt == "parquet" else _tar_shards)(tmp_path / "in", images, labels)
+    write_dataset(tmp_path / "in.npz", images, labels)
+    purify_dataset(tmp_path / "in.npz", tmp_path / "ref.npz", "ebm", seed=2, progress=False, **load)
+    out = tmp_path / f"out.{fmt}"
+    purify_dataset(shards, out, "ebm", seed=2, chunk_size=4, batch_size=3, progress=False, **load,
+                   chunk_runner=RayChunkRunner(num_workers=2))
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in shards.iterdir())  # the input's shards
+    got = read_dataset(out)
+    assert np.array_equal(got.images, read_dataset(tmp_path / "ref.npz").images)  # exact: the bytes
+    assert np.array_equal(got.labels, labels)
