@@ -16,7 +16,6 @@ bytes equal the reference's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.workers import flops_per_image
+from benchmarks.workers import flops_per_image, workload_arguments
 from puregen.api import load_purifier, purify_dataset
 from puregen.bench.measure import conv_ceiling
 from puregen.data import read_dataset, write_dataset
@@ -35,14 +34,8 @@ from puregen.ingest import PurifiedDataset
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--ebm-steps", type=int, default=150)
-    ap.add_argument("--t-star", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = workload_arguments(__doc__.split("\n\n")[0], micro_batch=16)
     ap.add_argument("--actors", type=int, default=2)
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     import ray
 

@@ -32,15 +32,20 @@ def flops_per_image(purifier, method: str, steps: int) -> float:
     return count_unet_flops(purifier.evaluator.unet.config, 28, 28) * steps
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_arguments(description: str, micro_batch: int) -> argparse.ArgumentParser:
+    """The options of the benchmarks that purify Fashion-MNIST test images with the shipped models."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--ebm-steps", type=int, default=150)
     ap.add_argument("--t-star", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--micro-batch", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=micro_batch)
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = workload_arguments(__doc__.split("\n\n")[0], micro_batch=64).parse_args(argv)
     torch.set_num_threads(args.threads)
     images = load_fashion_mnist(default_fashion_mnist_root(), "test").images[: args.images]
     ceiling = conv_ceiling("fp32")
