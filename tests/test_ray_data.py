@@ -150,3 +150,17 @@ def test_engine_ray_with_shards_in_and_out_equals_the_single_process_npz_run(loc
     got = read_dataset(out)
     assert np.array_equal(got.images, read_dataset(tmp_path / "ref.npz").images)  # exact: the bytes
     assert np.array_equal(got.labels, labels)
+
+
+def test_engine_ray_driver_killed_then_resumed_gives_identical_bytes(tmp_path, tiny_checkpoints):
+    """SIGKILL of `puregen purify --engine ray` (its local Ray cluster dies with it) after a chunk, then --resume."""
+    from benchmarks.kill_resume import kill_and_resume
+    from puregen.data import write_dataset
+
+    ebm, _ = tiny_checkpoints
+    write_dataset(tmp_path / "in.npz", smooth_images(40, seed=8))
+    extra = ["--method", "ebm", "--preset", "tiny", "--ebm", ebm, "--steps", 3, "--threads", 1, "--micro-batch", 8,
+             "--engine", "ray", "--num-workers", 2]
+    result = kill_and_resume(tmp_path / "in.npz", tmp_path / "run", extra, chunk_size=4, num_chunks=10, rng_seed=1)
+    assert result["byte_identical"], result
+    assert 0 < result["images_resumed"] < 40, result  # finished chunks were not redone
