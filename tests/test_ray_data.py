@@ -164,3 +164,21 @@ def test_engine_ray_driver_killed_then_resumed_gives_identical_bytes(tmp_path, t
     result = kill_and_resume(tmp_path / "in.npz", tmp_path / "run", extra, chunk_size=4, num_chunks=10, rng_seed=1)
     assert result["byte_identical"], result
     assert 0 < result["images_resumed"] < 40, result  # finished chunks were not redone
+
+
+def test_without_ray_the_ray_routes_give_one_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    from puregen.cli import main
+    from puregen.distributed.ray_data import purify_ray_dataset
+    from puregen.distributed.ray_job import RayChunkRunner
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where the extra is not installed
+    with pytest.raises(InputError, match=r"pip install 'puregen\[ray\]'"):
+        RayChunkRunner()
+    with pytest.raises(InputError, match=r"pip install 'puregen\[ray\]'"):
+        purify_ray_dataset(None, "jpeg")
+    np.savez(tmp_path / "in.npz", x=smooth_images(2))
+    assert main(["purify", str(tmp_path / "in.npz"), "-o", str(tmp_path / "o.npz"), "--method", "jpeg",
+                 "--engine", "ray", "--no-progress"]) == 2
+    assert not (tmp_path / "o.npz").exists()
