@@ -75,18 +75,16 @@ class RayPurifier:
         return out
 
 
-# An actor that dies (killed, out of memory, its node lost) is restarted and its batch run again: the redone
-# batch has the same noise keys, so it gives the same bytes, and Ray Data hands each batch's output on once.
-RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
-
-
 def purify_ray_dataset(dataset, method: str, *, seed: int = 0, concurrency: int = 2, num_cpus: float = 1.0,
                        num_gpus: float = 0.0, threads: int | None = None, batch_size: int = 64,
                        image_column: str = "image", index_column: str = "index", **load_options):
     """`dataset` (a `ray.data.Dataset`) with its images purified by `concurrency` actors.
 
     The options are checked here, in the driver, before any actor starts: a bad option, checkpoint
-    or a method this route cannot run fails at once with the usual clear error. `threads` defaults to
+    or a method this route cannot run fails at once with the usual clear error. An actor that dies
+    (killed, out of memory, its node lost) is restarted and its batch run again, as Ray Data does for
+    its actor pools by default (unlimited `max_restarts` and `max_task_retries`): the redone batch has
+    the same noise keys, so it gives the same bytes, and each batch's output is handed on once. `threads` defaults to
     the actor's whole CPUs (at least 1). On a machine whose CPUs the actors would take entirely, give
     a fractional `num_cpus` (Ray Data's own tasks need a share to make progress).
     """
@@ -106,5 +104,5 @@ def purify_ray_dataset(dataset, method: str, *, seed: int = 0, concurrency: int 
         fn_constructor_kwargs={"method": method, "seed": seed, "threads": threads, "image_column": image_column,
                                "index_column": index_column, **load_options},
         concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size,
-        batch_format="numpy", **RESTARTS,
+        batch_format="numpy",
     )

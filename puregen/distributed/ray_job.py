@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from .ray_data import RESTARTS, RayPurifier
+from .ray_data import RayPurifier
 
 
 class RayChunkRunner:
@@ -60,7 +60,7 @@ class RayChunkRunner:
         out = ray.data.from_items(rows).map_batches(
             RayPurifier, fn_constructor_kwargs={"purifier": purifier, "seed": seed}, concurrency=self.num_workers,
             num_cpus=self._cpus(ray, threads), num_gpus=1 if purifier.device.type == "cuda" else 0,
-            batch_size=batch_size, batch_format="numpy", **RESTARTS)
+            batch_size=batch_size, batch_format="numpy")
         bounds = np.array([start for _, start, _ in todo])
         pending = {k: {"start": start, "left": stop - start, "x": np.empty((stop - start, *images.shape[1:]), np.uint8),
                        "audit": {}} for k, start, stop in todo}
