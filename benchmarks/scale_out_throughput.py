@@ -16,7 +16,6 @@ bytes equal the reference's.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.workers import flops_per_image, workload_arguments
+from benchmarks.workers import flops_per_image, measured_row, report, workload_arguments
 from puregen.api import load_purifier, purify_dataset
 from puregen.bench.measure import conv_ceiling
 from puregen.data import read_dataset, write_dataset
@@ -77,20 +76,12 @@ def main(argv=None) -> int:
                     (f"pipeline, 1 process x {args.threads} threads", reference, expected),
                     (f"Ray Data, {args.actors} actors x 1 thread", on_ray, got),
                     (f"PurifiedDataset, {args.actors} loader workers x 1 thread", in_loader, from_loader)):
-                rows.append({"method": method, "setup": label, "images_per_s": len(images) / seconds,
-                             "gflop_per_s": flops / seconds / 1e9, "ceiling_fraction": flops / seconds / ceiling,
-                             "vs_pipeline": reference / seconds,
-                             "bytes_equal_to_pipeline": bool(np.array_equal(result.reshape(expected.shape), expected))})
+                same = bool(np.array_equal(result.reshape(expected.shape), expected))
+                rows.append(measured_row(method, label, len(images), seconds, flops, ceiling,
+                                         vs_pipeline=reference / seconds, bytes_equal_to_pipeline=same))
     ray.shutdown()
-    print(f"fp32 conv ceiling (3x3, 128->128, batch 64, 32x32, channels_last): {ceiling / 1e9:.1f} GFLOP/s")
-    print("| method | setup | images/s | GFLOP/s | of ceiling | vs pipeline | same bytes |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['setup']} | {r['images_per_s']:.2f} | {r['gflop_per_s']:.1f} | "
-              f"{r['ceiling_fraction']:.0%} | {r['vs_pipeline']:.2f}x | {r['bytes_equal_to_pipeline']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ceiling_flop_per_s": ceiling, "rows": rows, "args": vars(args)}, f, indent=2)
+    report(rows, ceiling, {"vs pipeline": ("vs_pipeline", "{:.2f}x"),
+                           "same bytes": ("bytes_equal_to_pipeline", "{}")}, args)
     return 0
 
 

@@ -44,6 +44,29 @@ def workload_arguments(description: str, micro_batch: int) -> argparse.ArgumentP
     return ap
 
 
+def measured_row(method: str, setup: str, images: int, seconds: float, flops: float, ceiling: float,
+                 **extra) -> dict:
+    """One row of a benchmark table: images/s, achieved FLOP/s and the fraction of the ceiling, plus `extra`."""
+    return {"method": method, "setup": setup, "images_per_s": images / seconds, "gflop_per_s": flops / seconds / 1e9,
+            "ceiling_fraction": flops / seconds / ceiling, **extra}
+
+
+def report(rows: list[dict], ceiling: float, extra: dict[str, tuple[str, str]], args) -> None:
+    """Print the ceiling and the table (the common columns, then `extra`: header -> (row key, format)), and
+    write the JSON that `--json` names."""
+    print(f"fp32 conv ceiling (3x3, 128->128, batch 64, 32x32, channels_last): {ceiling / 1e9:.1f} GFLOP/s")
+    headers = ["method", "setup", "images/s", "GFLOP/s", "of ceiling", *extra]
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for r in rows:
+        cells = [r["method"], r["setup"], f"{r['images_per_s']:.2f}", f"{r['gflop_per_s']:.1f}",
+                 f"{r['ceiling_fraction']:.0%}", *(fmt.format(r[key]) for key, fmt in extra.values())]
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceiling_flop_per_s": ceiling, "rows": rows, "args": vars(args)}, f, indent=2)
+
+
 def main(argv=None) -> int:
     args = workload_arguments(__doc__.split("\n\n")[0], micro_batch=64).parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,18 +88,9 @@ def main(argv=None) -> int:
         flops = flops_per_image(purifier, method, steps) * len(images)
         for label, seconds in ((f"1 process x {args.threads} threads", in_process),
                                (f"{args.threads} workers x 1 thread", in_workers)):
-            rows.append({"method": method, "setup": label, "images_per_s": len(images) / seconds,
-                         "gflop_per_s": flops / seconds / 1e9, "ceiling_fraction": flops / seconds / ceiling,
-                         "speedup_vs_one_process": in_process / seconds})
-    print(f"fp32 conv ceiling (3x3, 128->128, batch 64, 32x32, channels_last): {ceiling / 1e9:.1f} GFLOP/s")
-    print("| method | setup | images/s | GFLOP/s | of ceiling | vs one process |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['setup']} | {r['images_per_s']:.2f} | {r['gflop_per_s']:.1f} | "
-              f"{r['ceiling_fraction']:.0%} | {r['speedup_vs_one_process']:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ceiling_flop_per_s": ceiling, "rows": rows, "args": vars(args)}, f, indent=2)
+            rows.append(measured_row(method, label, len(images), seconds, flops, ceiling,
+                                     speedup_vs_one_process=in_process / seconds))
+    report(rows, ceiling, {"vs one process": ("speedup_vs_one_process", "{:.2f}x")}, args)
     return 0
 
 
