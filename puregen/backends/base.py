@@ -91,6 +91,18 @@ def run_microbatched(
     return out
 
 
+def reflect_pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`x` (N, C, H, W) reflect-padded at the bottom and right to sides that are multiples of `multiple`
+    (the UNet's down-sampling needs them); the caller crops the result back to H x W."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    if ph >= h or pw >= w:
+        raise InputError(f"images of {h}x{w} are too small for this UNet (sides must reach {multiple})")
+    return F.pad(x, (0, pw, 0, ph), mode="reflect")
+
+
 def memory_format_for(shape, channels_last: bool) -> torch.memory_format:
     """The one layout the networks get for batches of `shape` (N, C, H, W).
 
@@ -170,13 +182,8 @@ class NetworkBackend:
     def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The UNet's noise prediction at timestep t, reflect-padding sides the UNet cannot take."""
         unet = self._need(self.unet, "DDPM")
-        multiple = unet.pad_multiple
         h, w = x.shape[-2:]
-        ph, pw = (-h) % multiple, (-w) % multiple
-        if ph or pw:
-            if ph >= h or pw >= w:
-                raise InputError(f"images of {h}x{w} are too small for this UNet (sides must reach {multiple})")
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+        x = reflect_pad_to(x, unet.pad_multiple)
         # The timestep is a tensor input, so one compiled graph serves every t.
         timesteps = torch.full((self.micro_batch,), t, dtype=torch.int64, device=x.device)
         out = self._microbatched(lambda b: self._eps_fn(b, timesteps), x)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..backends.base import NetworkBackend
+from ..backends.base import NetworkBackend, reflect_pad_to
 from ..kernels import philox
 from ..kernels.dispatch import kernels_for
 from .noise_key import NoiseKey
@@ -141,8 +141,7 @@ class DifferentiableEpsilon:
         self.unet = unet
 
     def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        multiple = self.unet.pad_multiple
         h, w = x.shape[-2:]
-        padded = torch.nn.functional.pad(x, (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
+        padded = reflect_pad_to(x, self.unet.pad_multiple)
         timesteps = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
         return self.unet(padded, timesteps).float()[..., :h, :w]
