@@ -49,9 +49,7 @@ class RayPurifier:
         else:
             # A purifier built in the driver (a pipeline job's): its recorded thread count is pinned here,
             # as its job's fingerprint says.
-            from ..engine.factory import pin_threads
-
-            pin_threads(purifier.provenance.get("threads", threads))
+            purifier.pin_threads()
             self.purifier = purifier
         self.purifier.refuse_batch_route(ROUTE)
 

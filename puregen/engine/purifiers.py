@@ -123,6 +123,13 @@ class Purifier:
                  if keyword in self.algorithm.state_options]
         return "; ".join([*given, "or set Purifier.dataset_state to the state of a whole-dataset run"])
 
+    def pin_threads(self) -> None:
+        """Run torch at the thread count this purifier was loaded with (part of its jobs' fingerprint): the
+        bytes are that count's, whatever count a worker process (a loader, a map or Ray actor) started with."""
+        threads = self.provenance.get("threads")
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def check_image_shape(self, height: int, width: int, channels: int, source: str = "input") -> None:
         """A clear error when the images do not fit the loaded networks."""
         if self.evaluator is None:

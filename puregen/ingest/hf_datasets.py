@@ -13,7 +13,7 @@ import numpy as np
 
 from ..engine.noise_key import NoiseKey, check_seed
 from ..engine.purifiers import Purifier
-from .item_images import pin_purifier_threads, stack_items
+from .item_images import stack_items
 
 
 def hf_purify_function(purifier: Purifier, *, seed: int = 0, image_column: str = "image"):
@@ -31,7 +31,7 @@ def hf_purify_function(purifier: Purifier, *, seed: int = 0, image_column: str =
         source = f"rows {indices[0]}..{indices[-1]}"
         u8, restorers = stack_items(batch[image_column], source)
         purifier.check_image_shape(*u8.shape[1:], source=source)
-        pin_purifier_threads(purifier)  # a `num_proc` worker starts with its own torch thread count
+        purifier.pin_threads()  # a `num_proc` worker starts with its own torch thread count
         out = purifier.purify_batch(u8, NoiseKey.of(seed, np.asarray(indices, dtype=np.int64))).images.cpu().numpy()
         return {**batch, image_column: [restore(row) for restore, row in zip(restorers, out)]}
 

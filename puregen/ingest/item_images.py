@@ -3,8 +3,7 @@
 An item's image is a numpy array or torch tensor (uint8 HWC or HW, or float in [0, 1], as
 `prepare_api_input` takes them), a PIL image, or nested lists of integers (how `datasets` gives an
 array column). A purified image goes back in the form it came: PIL stays PIL in its mode, a torch
-tensor stays torch, a float image is the uint8 result / 255, an HW image stays HW. Both routes
-also pin torch to the purifier's thread count here before purifying in a worker.
+tensor stays torch, a float image is the uint8 result / 255, an HW image stays HW.
 """
 
 from __future__ import annotations
@@ -82,11 +81,3 @@ def stack_items(images: Sequence, source: str) -> tuple[torch.Tensor, list[Resto
                          + ", ".join(sorted({f"{a.shape} {a.dtype}" for a in arrays})))
     x_model, _ = prepare_api_input(np.stack(arrays), source=source)
     return from_model_space(x_model), list(restorers)
-
-
-def pin_purifier_threads(purifier) -> None:
-    """Run torch at the thread count the purifier was loaded with: the bytes are those of that count,
-    whatever count the process (a loader or map worker) started with."""
-    threads = purifier.provenance.get("threads")
-    if threads and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)

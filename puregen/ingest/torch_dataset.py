@@ -30,7 +30,7 @@ from ..data.atomic import write_json_atomic, write_npz_atomic
 from ..engine.noise_key import NoiseKey, check_seed
 from ..engine.purifiers import Purifier
 from ..errors import InputError
-from .item_images import pin_purifier_threads, stack_items
+from .item_images import stack_items
 
 DEFAULT_BLOCK_SIZE = 64
 
@@ -172,7 +172,7 @@ class PurifiedDataset(torch.utils.data.Dataset):
         p = self.purifier
         u8 = self._source_batch(block)
         p.check_image_shape(*u8.shape[1:], source=f"block {block}")
-        pin_purifier_threads(p)  # a DataLoader worker starts with one torch thread
+        p.pin_threads()  # a DataLoader worker starts with one torch thread
         rows = self._rows(block)
         out = p.purify_batch(u8, NoiseKey.of(self.seed, np.arange(rows.start, rows.stop))).images
         return out.cpu().numpy(), _digest(u8.numpy())
