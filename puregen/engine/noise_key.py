@@ -61,8 +61,14 @@ class NoiseKey:
 
     @classmethod
     def rows(cls, seed, start: int, stop: int) -> "NoiseKey":
-        """The key of rows start .. stop-1 of a dataset."""
-        return cls.of(seed, torch.arange(start, stop, dtype=torch.int64))
+        """The key of rows start .. stop-1 of a dataset: distinct by construction, so only the seed and the
+        range are checked (the pipeline makes one per batch)."""
+        seed = check_seed(seed)
+        if start < 0:
+            raise InputError("indices must be non-negative")
+        if stop - 1 > philox.MAX_SAMPLE_INDEX:
+            raise InputError(f"indices must be below 2**48 (the noise counter's sample field), got {stop - 1}")
+        return cls(seed, torch.arange(start, stop, dtype=torch.int64))
 
     def __len__(self) -> int:
         return self.indices.numel()
