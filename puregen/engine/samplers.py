@@ -85,7 +85,6 @@ def diffuse_denoise(
     evaluator: NetworkBackend,
     cfg: DiffusionConfig,
     *,
-    t_star: int | None = None,
     key: NoiseKey,
     repetition: int = 0,
     on_step: StepCallback | None = None,
@@ -96,7 +95,7 @@ def diffuse_denoise(
     `kernels`: the update steps' implementation (default: the device's fused kernels; the torch reference
     for a path that gradients flow through)."""
     schedule = DDPMSchedule(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
-    t_star = cfg.t_star if t_star is None else t_star
+    t_star = cfg.t_star
     sqrt_abar, sqrt_one_minus = schedule.forward_coefficients(t_star)
     kernels = kernels_for(x0.device) if kernels is None else kernels
     x = kernels.ddpm_forward_noise(
