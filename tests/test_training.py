@@ -305,3 +305,20 @@ def test_cli_train_precision_defaults_to_the_presets_auto(data_path, tmp_path, m
     monkeypatch.setattr(backend_precision, "cpu_has_native_bf16", lambda: True)
     assert main([*args, "-o", str(tmp_path / "tiny"), "--preset", "tiny", "--steps", "1", "--precision", "auto"]) == 0
     assert _recorded(tmp_path / "tiny")["recipe"]["precision"] == "bf16"
+
+
+def test_cli_lr_decay_at_sets_the_ebm_schedule_and_rejects_bad_steps(data_path, tmp_path, capsys):
+    from puregen.cli import main
+
+    args = ["train", "ebm", str(data_path), "--no-progress", "--threads", "2", "--preset", "tiny", "--steps", "3"]
+    assert main([*args, "-o", str(tmp_path / "decay"), "--lr-decay-at", "1,2"]) == 0
+    assert _recorded(tmp_path / "decay")["recipe"]["lr_decay_at"] == [1, 2]
+    assert main([*args, "-o", str(tmp_path / "flat"), "--lr-decay-at", "none"]) == 0
+    assert _recorded(tmp_path / "flat")["recipe"]["lr_decay_at"] == []
+    for bad in ("2,1", "x", "0"):
+        assert main([*args, "-o", str(tmp_path / "bad"), "--lr-decay-at", bad]) == 2
+        assert "--lr-decay-at" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    ddpm = ["train", "ddpm", str(data_path), "--no-progress", "--preset", "tiny", "-o", str(tmp_path / "d")]
+    assert main([*ddpm, "--lr-decay-at", "5"]) == 2
+    assert "does not apply to ddpm" in capsys.readouterr().err

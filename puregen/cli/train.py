@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--langevin-steps", type=int, help="EBM: Langevin steps per update")
+    p.add_argument("--lr-decay-at", metavar="STEP[,STEP...]",
+                   help="EBM: multiply the learning rate by 0.1 at each of these steps (default: the preset's; "
+                   "'none' for a constant rate)")
     p.add_argument("--ema-decay", type=float,
                    help="EBM: keep an exponential moving average of the weights (e.g. 0.999) and save it "
                    "as the run's model (default: none)")
@@ -46,8 +49,22 @@ def add_parser(sub) -> None:
 
 
 # The recipe options that only some kinds of training have.
-TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "ema_decay", "precision"}, "ddpm": {"steps", "precision"},
+TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "lr_decay_at", "ema_decay", "precision"}, "ddpm": {"steps", "precision"},
                  "classifier": {"epochs", "precision"}}
+
+
+def _decay_steps(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise InputError(f"--lr-decay-at must be step numbers separated by commas (or 'none'), got {text!r}")
+    if any(s < 1 for s in steps) or list(steps) != sorted(set(steps)):
+        raise InputError(f"--lr-decay-at steps must be positive and increasing, got {text!r}")
+    return steps
 
 
 def _cmd_train(args) -> int:
@@ -62,7 +79,8 @@ def _cmd_train(args) -> int:
     data = load_training_data(args.data, limit=args.limit)
     channels = data.images.shape[1]
     changes = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    specific = {"steps": args.steps, "langevin_steps": args.langevin_steps, "ema_decay": args.ema_decay,
+    specific = {"steps": args.steps, "langevin_steps": args.langevin_steps,
+                "lr_decay_at": _decay_steps(args.lr_decay_at), "ema_decay": args.ema_decay,
                 "epochs": args.epochs, "precision": args.precision}
     for name, value in specific.items():
         if value is None:
