@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
         "each poison set on its own (cached), trains the victim's classifier per cell and seed (or target), and "
         "writes results.csv (one row per classifier), summary.csv, results.md (the table in the layout of the "
         "PureGen paper's Table 1), results.json and plots.png to --out. An interrupted run continues where it "
-        "stopped. Default: --scale small, attacks badnets, narcissus-16-1pct, gradient-matching; defenses none, "
-        "jpeg-75, friends, ebm, ddpm, naive; 3 seeds, 20 targets.",
+        "stopped. Default: --scale small, attacks badnets, narcissus-16-1pct; defenses none, "
+        "jpeg-75, friends, ebm, ddpm, naive; 3 seeds; 50 targets for the targeted attacks of --full.",
     )
     p.add_argument("--scale", default="small", choices=("small", "paper"),
                    help="small: Fashion-MNIST, 10,000 training images, small CNN (CPU, default); "
@@ -24,12 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("--pood", help="paper: labelled out-of-distribution data for the Narcissus surrogate "
                    "(any format `puregen purify` reads; published: Tiny-ImageNet)")
     p.add_argument("-o", "--out", default="runs/eval", help="folder for caches and the report (default: runs/eval)")
-    p.add_argument("--full", action="store_true", help="add Narcissus 8/255 and 10%%, Bullseye Polytope (linear "
-                   "probe, fine-tune), JPEG q90/50/25, reps and filt")
+    p.add_argument("--full", action="store_true", help="add Gradient Matching, Narcissus 8/255 and 10%%, Bullseye "
+                   "Polytope (linear probe, fine-tune), JPEG q90/50/25, reps and filt")
     p.add_argument("--attacks", help="comma-separated attacks instead of the default set")
     p.add_argument("--defenses", help="comma-separated defenses instead of the default set (none is always run)")
     p.add_argument("--seeds", type=int, help="classifier seeds per backdoor cell (default 3)")
-    p.add_argument("--targets", type=int, help="targets per targeted-attack cell (default 20)")
+    p.add_argument("--targets", type=int, help="targets per targeted-attack cell (default 50)")
     p.add_argument("--epochs", type=int, help="victim classifier epochs (default: the scale's)")
     p.add_argument("--ebm", metavar="CKPT", help="EBM checkpoint folder (default: the shipped Fashion-MNIST EBM)")
     p.add_argument("--ddpm", metavar="CKPT", help="DDPM checkpoint folder (default: the shipped Fashion-MNIST DDPM)")

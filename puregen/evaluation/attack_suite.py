@@ -64,8 +64,11 @@ ATTACKS = {a.name: a for a in (
     AttackSpec("bullseye-linear", "bullseye", 16 / 255, transfer_mode="linear"),
     AttackSpec("bullseye-finetune", "bullseye", 16 / 255, transfer_mode="finetune"),
 )}
-DEFAULT_ATTACKS = ("badnets", "narcissus-16-1pct", "gradient-matching")
-FULL_ATTACKS = DEFAULT_ATTACKS + ("narcissus-8-1pct", "narcissus-16-10pct", "bullseye-linear", "bullseye-finetune")
+# The targeted attacks need victims trained long enough and crafting strong enough that the default table
+# cannot afford them at 50 targets a cell; they are judged in `--full` (docs/results-small.md).
+DEFAULT_ATTACKS = ("badnets", "narcissus-16-1pct")
+FULL_ATTACKS = DEFAULT_ATTACKS + ("gradient-matching", "narcissus-8-1pct", "narcissus-16-10pct", "bullseye-linear",
+                                  "bullseye-finetune")
 
 BULLSEYE_POISONS = 5  # published
 
