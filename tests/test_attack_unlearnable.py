@@ -100,7 +100,7 @@ def test_training_on_the_poisoned_set_fails_on_clean_test_images(name, faint_dig
     # 0.095 to spare (0.983 - 0.538 = 0.445), the others 0.26 or more.
     assert poisoned_accuracy < clean_accuracy - 0.35, (name, poisoned_accuracy, clean_accuracy)
     if name.startswith("em"):
-        assert info["stopped_early"] and info["train_accuracy"][-1] >= 0.99  # the min-min stop condition
+        assert info["reached_stop_accuracy"] and info["train_accuracy"][-1] >= 0.99  # the min-min stop condition
         assert info["max_change_levels"] <= 8
 
 

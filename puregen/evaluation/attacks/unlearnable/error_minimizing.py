@@ -202,7 +202,7 @@ def craft_error_minimizing(images: np.ndarray, labels: np.ndarray, recipe: Error
     info = {"attack": name, "paper": "Huang et al., Unlearnable Examples, ICLR 2021", "norm": "linf",
             "budget": recipe.epsilon, "budget_levels": linf_levels(recipe.epsilon), "budget_unit": "pixel units",
             "class_wise": recipe.class_wise, "recipe": recipe.to_dict(), "num_classes": num_classes,
-            "rounds": len(history), "stopped_early": acc >= recipe.stop_accuracy, "train_accuracy": history,
+            "rounds": len(history), "reached_stop_accuracy": acc >= recipe.stop_accuracy, "train_accuracy": history,
             "train_accuracy_stored": round(stored, 4), **change_stats(images, poisoned),
             "crafting_seconds": round(time.perf_counter() - t0, 2)}
     return poisoned, info
