@@ -20,10 +20,11 @@ image size, so we keep it as it is: 28 x 28 x 1 gets 28 * 6/255 = 0.659.
 The patch is a quarter of the image side (8 px at 32, 7 px at 28), so every
 size gets the paper's 4 x 4 grid.
 
-Class-wise. The paper's points scatter with unit variance around class
-centres that are 10 apart per coordinate, so its noise is all but the same
-within a class; we give every image of a class its class pattern exactly
-(`sample_spread` > 0 scatters per image, as in the paper).
+Class-wise. The paper draws a point per image, scattered with unit variance
+around its class centre, and the centres are far apart (a class separation
+of 10 standard deviations), so its noise is all but the same within a
+class; we give every image of a class its class pattern exactly
+(`sample_spread` > 0 scatters the points per image, as the paper does).
 """
 
 from __future__ import annotations
