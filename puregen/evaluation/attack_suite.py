@@ -28,10 +28,12 @@ from .attacks.gradient_matching import GradientMatchingRecipe, craft_gradient_ma
 from .attacks.narcissus import NarcissusRecipe, craft_narcissus
 from .attacks.selection import rank_hardest
 from .attacks.unlearnable import (
+    AdversarialPoisonRecipe,
     ARRecipe,
     ErrorMinimizingRecipe,
     LSPRecipe,
     OPSRecipe,
+    craft_adversarial_poisons,
     craft_autoregressive,
     craft_error_minimizing,
     craft_lsp,
@@ -50,7 +52,7 @@ class AttackSpec:
     epsilon: float | None = None  # L-inf budget, pixel units
     poison_fraction: float | None = None  # of the base set; None: the scale's (or the attack's own count)
     transfer_mode: str | None = None  # bullseye: linear | finetune
-    variant: str | None = None  # unlearnable: em-sample | em-class | lsp | ar | ops
+    variant: str | None = None  # unlearnable: em-sample | em-class | lsp | ar | ops | tap
 
     @property
     def targeted(self) -> bool:
@@ -70,6 +72,7 @@ class AttackSpec:
             "lsp": "Linearly separable perturbations (L2)",
             "ar": "Autoregressive perturbations (L2)",
             "ops": "One-pixel shortcut",
+            "tap-8": "Targeted adversarial poisoning 8/255",
         }.get(self.name, self.name)
 
 
@@ -87,6 +90,7 @@ ATTACKS = {a.name: a for a in (
     AttackSpec("lsp", "unlearnable", None, 1.0, variant="lsp"),
     AttackSpec("ar", "unlearnable", None, 1.0, variant="ar"),
     AttackSpec("ops", "unlearnable", None, 1.0, variant="ops"),
+    AttackSpec("tap-8", "unlearnable", 8 / 255, 1.0, variant="tap"),
 )}
 DEFAULT_ATTACKS = ("badnets", "narcissus-16-1pct", "gradient-matching")
 FULL_ATTACKS = DEFAULT_ATTACKS + ("narcissus-8-1pct", "narcissus-16-10pct", "bullseye-linear", "bullseye-finetune")
@@ -146,6 +150,9 @@ def _unlearnable_recipe(spec: AttackSpec, ctx: AttackContext):
         r = ErrorMinimizingRecipe(epsilon=spec.epsilon, class_wise=spec.variant == "em-class",
                                   arch=ctx.settings.classifier.arch, seed=ATTACKER_SEED)
         return dataclasses.replace(r, max_rounds=1, pgd_steps=2, train_steps=2) if ctx.smoke else r
+    if spec.variant == "tap":
+        r = AdversarialPoisonRecipe(epsilon=spec.epsilon)
+        return dataclasses.replace(r, steps=2) if ctx.smoke else r
     recipes = {"lsp": LSPRecipe, "ar": ARRecipe, "ops": OPSRecipe}
     if spec.variant not in recipes:
         raise InputError(f"{spec.name}: unknown unlearnable variant {spec.variant!r}")
@@ -195,6 +202,10 @@ def _unlearnable(spec: AttackSpec, ctx: AttackContext, recipe) -> PoisonSet:
         images, info = craft_lsp(*args, recipe, num_classes=d.num_classes)
     elif isinstance(recipe, ARRecipe):
         images, info = craft_autoregressive(*args, recipe, num_classes=d.num_classes)
+    elif isinstance(recipe, AdversarialPoisonRecipe):
+        # The attacker's model: the victim's architecture trained on the clean base set (as Gradient Matching's).
+        images, info = craft_adversarial_poisons(_attacker_model(ctx), *args, recipe, num_classes=d.num_classes,
+                                                 progress=ctx.progress)
     else:
         images, info = craft_one_pixel_shortcut(*args, recipe, num_classes=d.num_classes)
     return PoisonSet(spec.name, np.arange(len(images)), images, d.base_labels, -1, d.fingerprint(),
