@@ -3,7 +3,9 @@
 A backdoor attack (BadNets, Narcissus) gives one poison set, evaluated over
 several classifier seeds. A targeted attack (Gradient Matching, Bullseye
 Polytope) gives one poison set per target, each evaluated once: its
-success is the share of targets flipped.
+success is the share of targets flipped. An unlearnable-example attack
+(family `unlearnable`) gives one poison set that replaces every base image,
+labels kept; it is in neither default table.
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ from .attacks.bullseye import BullseyeRecipe, craft_bullseye, train_feature_extr
 from .attacks.gradient_matching import GradientMatchingRecipe, craft_gradient_matching
 from .attacks.narcissus import NarcissusRecipe, craft_narcissus
 from .attacks.selection import rank_hardest
+from .attacks.unlearnable import (
+    AdversarialPoisonRecipe,
+    ARRecipe,
+    ErrorMinimizingRecipe,
+    LSPRecipe,
+    OPSRecipe,
+    craft_adversarial_poisons,
+    craft_autoregressive,
+    craft_error_minimizing,
+    craft_lsp,
+    craft_one_pixel_shortcut,
+)
 from .poison_set import PoisonSet, load_poison_set
 from .scales import ScaleData, ScaleSettings
 
@@ -34,10 +48,11 @@ ATTACKER_SEED = 1000  # the attacker's own models never share a seed with the vi
 @dataclass(frozen=True)
 class AttackSpec:
     name: str
-    family: str  # badnets | narcissus | gradient-matching | bullseye
+    family: str  # badnets | narcissus | gradient-matching | bullseye | unlearnable
     epsilon: float | None = None  # L-inf budget, pixel units
     poison_fraction: float | None = None  # of the base set; None: the scale's (or the attack's own count)
     transfer_mode: str | None = None  # bullseye: linear | finetune
+    variant: str | None = None  # unlearnable: em-sample | em-class | lsp | ar | ops | tap
 
     @property
     def targeted(self) -> bool:
@@ -52,6 +67,12 @@ class AttackSpec:
             "gradient-matching": "Gradient Matching 16/255, 1%",
             "bullseye-linear": "Bullseye Polytope (linear probe)",
             "bullseye-finetune": "Bullseye Polytope (fine-tune)",
+            "em-sample-8": "Error-minimising noise, sample-wise 8/255",
+            "em-class-8": "Error-minimising noise, class-wise 8/255",
+            "lsp": "Linearly separable perturbations (L2)",
+            "ar": "Autoregressive perturbations (L2)",
+            "ops": "One-pixel shortcut",
+            "tap-8": "Targeted adversarial poisoning 8/255",
         }.get(self.name, self.name)
 
 
@@ -63,6 +84,13 @@ ATTACKS = {a.name: a for a in (
     AttackSpec("gradient-matching", "gradient-matching", 16 / 255),
     AttackSpec("bullseye-linear", "bullseye", 16 / 255, transfer_mode="linear"),
     AttackSpec("bullseye-finetune", "bullseye", 16 / 255, transfer_mode="finetune"),
+    # Unlearnable examples: every base image poisoned, labels kept. Their L2 / L0 budgets live in the recipes.
+    AttackSpec("em-sample-8", "unlearnable", 8 / 255, 1.0, variant="em-sample"),
+    AttackSpec("em-class-8", "unlearnable", 8 / 255, 1.0, variant="em-class"),
+    AttackSpec("lsp", "unlearnable", None, 1.0, variant="lsp"),
+    AttackSpec("ar", "unlearnable", None, 1.0, variant="ar"),
+    AttackSpec("ops", "unlearnable", None, 1.0, variant="ops"),
+    AttackSpec("tap-8", "unlearnable", 8 / 255, 1.0, variant="tap"),
 )}
 # The targeted attacks need victims trained long enough and crafting strong enough that the default table
 # cannot afford them at 50 targets a cell; they are judged in `--full` (docs/results-small.md).
@@ -114,7 +142,24 @@ def _recipes(ctx: AttackContext, spec: AttackSpec) -> dict:
     if spec.family == "bullseye":
         r = BullseyeRecipe(epsilon=spec.epsilon)
         return {"bullseye": dataclasses.replace(r, steps=2) if ctx.smoke else r}
+    if spec.family == "unlearnable":
+        return {"unlearnable": _unlearnable_recipe(spec, ctx)}
     return {}
+
+
+def _unlearnable_recipe(spec: AttackSpec, ctx: AttackContext):
+    if spec.variant in ("em-sample", "em-class"):
+        # The crafting model is the victim's architecture, under the attacker's own seed.
+        r = ErrorMinimizingRecipe(epsilon=spec.epsilon, class_wise=spec.variant == "em-class",
+                                  arch=ctx.settings.classifier.arch, seed=ATTACKER_SEED)
+        return dataclasses.replace(r, max_rounds=1, pgd_steps=2, train_steps=2) if ctx.smoke else r
+    if spec.variant == "tap":
+        r = AdversarialPoisonRecipe(epsilon=spec.epsilon)
+        return dataclasses.replace(r, steps=2) if ctx.smoke else r
+    recipes = {"lsp": LSPRecipe, "ar": ARRecipe, "ops": OPSRecipe}
+    if spec.variant not in recipes:
+        raise InputError(f"{spec.name}: unknown unlearnable variant {spec.variant!r}")
+    return recipes[spec.variant]()
 
 
 def poison_sets(spec: AttackSpec, ctx: AttackContext) -> list[PoisonSet]:
@@ -145,7 +190,29 @@ def _craft(spec: AttackSpec, ctx: AttackContext, recipes: dict, case: int) -> Po
         return _narcissus(spec, ctx, recipes["narcissus"])
     if spec.family == "gradient-matching":
         return _gradient_matching(spec, ctx, recipes["gm"], case)
+    if spec.family == "unlearnable":
+        return _unlearnable(spec, ctx, recipes["unlearnable"])
     return _bullseye(spec, ctx, recipes["bullseye"], case)
+
+
+def _unlearnable(spec: AttackSpec, ctx: AttackContext, recipe) -> PoisonSet:
+    """Every base image poisoned, labels kept: one PoisonSet over all rows, with no target (class -1)."""
+    d = ctx.data
+    args = (d.base_images, d.base_labels)
+    if isinstance(recipe, ErrorMinimizingRecipe):
+        images, info = craft_error_minimizing(*args, recipe, num_classes=d.num_classes, progress=ctx.progress)
+    elif isinstance(recipe, LSPRecipe):
+        images, info = craft_lsp(*args, recipe, num_classes=d.num_classes)
+    elif isinstance(recipe, ARRecipe):
+        images, info = craft_autoregressive(*args, recipe, num_classes=d.num_classes)
+    elif isinstance(recipe, AdversarialPoisonRecipe):
+        # The attacker's model: the victim's architecture trained on the clean base set (as Gradient Matching's).
+        images, info = craft_adversarial_poisons(_attacker_model(ctx), *args, recipe, num_classes=d.num_classes,
+                                                 progress=ctx.progress)
+    else:
+        images, info = craft_one_pixel_shortcut(*args, recipe, num_classes=d.num_classes)
+    return PoisonSet(spec.name, np.arange(len(images)), images, d.base_labels, -1, d.fingerprint(),
+                     {"poisons": len(images), **info}, info["crafting_seconds"], availability=True)
 
 
 def _badnets(spec: AttackSpec, ctx: AttackContext) -> PoisonSet:

@@ -146,6 +146,8 @@ class Victim:
         else:
             offset = 0
             natural = float((predict(model, self.test, precision=precision) == self.test_labels).float().mean())
+        if ps.availability:  # unlearnable examples: the attack succeeds where the clean test images are missed
+            return natural, 1.0 - natural
         if ps.targeted:
             pred = predict(model, self.test[ps.target_index : ps.target_index + 1], precision=precision)
             return natural, float(int(pred[0]) + offset == ps.target_class)

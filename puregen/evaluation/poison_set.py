@@ -3,7 +3,9 @@
 One poison set is one poisoned training set: the rows of the victim's base
 training set that the attacker replaces, with the images and labels it puts
 there, plus what the attack needs at test time (a backdoor's trigger, or a
-targeted attack's target test image).
+targeted attack's target test image). An availability attack (unlearnable
+examples) needs nothing at test time: it replaces every row, keeps the
+labels, and is measured by the clean test accuracy it costs.
 
 On disk it is a folder holding two files:
 
@@ -11,6 +13,7 @@ On disk it is a folder holding two files:
   crafting time, the fingerprint of the base set the indices refer to, and
   (targeted attacks) the target's test index, true class and the class it is
   pushed to; for a backdoor, how the test-time trigger is applied;
+  `"availability": true` for an availability attack (its target class is -1);
 * `poison.npz`: arrays, read with `allow_pickle=False`: `indices` (int64
   rows of the base set), `images` (uint8 N x H x W x C, the poisoned rows),
   `labels` (int64, the labels they carry: unchanged for clean-label attacks),
@@ -51,6 +54,7 @@ class PoisonSet:
     target_index: int | None = None  # targeted attacks: the row of the test set
     target_true_class: int | None = None
     test_amplify: float = 1.0  # backdoor attacks: the multiplier of an additive test trigger (Narcissus: 3)
+    availability: bool = False  # unlearnable examples: no test-time part, the clean test accuracy is the measure
 
     def __post_init__(self):
         self.indices = np.asarray(self.indices, dtype=np.int64)
@@ -63,8 +67,14 @@ class PoisonSet:
                              f"{self.labels.shape}")
         if len(np.unique(self.indices)) != n:
             raise InputError("poison indices must be distinct rows of the base set")
-        if (self.test_trigger is None) == (self.target_index is None):
-            raise InputError("a poison set is either a backdoor (test trigger) or targeted (target index)")
+        kinds = (self.test_trigger is not None) + (self.target_index is not None) + bool(self.availability)
+        if kinds != 1:
+            raise InputError("a poison set is either a backdoor (test trigger), targeted (target index) or an "
+                             "availability attack")
+        self.availability = bool(self.availability)
+        if self.availability and self.target_class != -1:
+            raise InputError(f"an availability attack pushes towards no class: its target_class is -1, "
+                             f"got {self.target_class}")
         if self.test_trigger is not None and self.test_trigger.target not in (-1, self.target_class):
             raise InputError(f"the test trigger pushes towards class {self.test_trigger.target}, the poison set "
                              f"towards {self.target_class}")
@@ -75,6 +85,10 @@ class PoisonSet:
     @property
     def targeted(self) -> bool:
         return self.target_index is not None
+
+    @property
+    def kind(self) -> str:
+        return "availability" if self.availability else "targeted" if self.targeted else "backdoor"
 
     def poisoned_training_set(self, base_images: np.ndarray, base_labels: np.ndarray,
                               poison_images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +116,9 @@ class PoisonSet:
             "image_shape": list(self.images.shape[1:]),
         }
         arrays = {"indices": self.indices, "images": self.images, "labels": self.labels}
-        if self.test_trigger is not None:
+        if self.availability:
+            meta["availability"] = True
+        elif self.test_trigger is not None:
             meta["test_trigger"] = {"kind": self.test_trigger.kind, "amplify": self.test_amplify}
             arrays["trigger"] = self.test_trigger.pattern
             if self.test_trigger.mask is not None:
@@ -151,7 +167,7 @@ def load_poison_set(folder: str | os.PathLike) -> PoisonSet:
             meta.get("params", {}), float(meta.get("crafting_seconds", 0.0)), trigger,
             None if target is None else int(target["test_index"]),
             None if target is None or target.get("true_class") is None else int(target["true_class"]),
-            amplify,
+            amplify, bool(meta.get("availability", False)),
         )
     except (InputError, KeyError, TypeError, ValueError) as e:
         raise InputError(f"{folder}: inconsistent poison set ({e})") from e
