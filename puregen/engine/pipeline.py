@@ -234,6 +234,11 @@ def run_job(
     purifier.check_image_shape(*images.shape[1:], source=str(input_path))
     if purifier.algorithm.needs_labels and labels is None:
         raise InputError(f"{input_path}: method {purifier.method!r} needs labelled data, and these images have no labels")
+    if purifier.algorithm.scope != "batch" and purifier.dataset_state is not None:
+        try:
+            purifier.algorithm.check_input(purifier.dataset_state, *images.shape[1:], labels)
+        except InputError as e:
+            raise InputError(f"{input_path}: {e}") from None
     target = plan_output(output_path, has_labels=labels is not None)
     _check_apart(target, paths, input_path, dataset)
     target.check_replaceable()

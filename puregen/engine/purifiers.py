@@ -279,6 +279,9 @@ class Purifier:
         self.check_image_shape(*u8.shape[1:])
         key = _noise_key(seed, indices, n, offset)
         labels = self._checked_labels(labels, n)
+        if self.algorithm.scope != "batch" and self.dataset_state is not None:
+            self.algorithm.check_input(self.dataset_state, *u8.shape[1:],
+                                       None if labels is None else labels.cpu().numpy())
         if self.needs_dataset_pass:
             self.dataset_state = self.prepare_dataset(u8, labels, key, batch_size)
             try:

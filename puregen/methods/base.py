@@ -137,6 +137,10 @@ class Method:
         and resumes from what it finds continues where a killed job stopped."""
         raise NotImplementedError(f"method {self.name!r} has no fit")
 
+    def check_input(self, state: DatasetState, height: int, width: int, channels: int, labels) -> None:
+        """An InputError when images of this shape (and these labels) cannot go through a given dataset state
+        (D-VAE's fitted networks); called before a job writes anything."""
+
     def describe_state(self, state: DatasetState) -> dict:
         """What a job's manifest records of a dataset state (JSON values)."""
         return {k: v for k, v in state.items() if not torch.is_tensor(v)}

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ...data.convert import to_model_space
@@ -145,19 +146,22 @@ class DVAEPurification(Method):
             cached = self._fitted = _Fitted(anchor, device, (stage1.to(device), stage2.to(device)))
         return cached.models
 
-    def purify(self, x, ctx: BatchContext) -> MethodOutput:
-        stage1, stage2 = self._models(ctx.state, x.device)
-        config = stage1.config
-        _, c, h, w = x.shape
-        if (c, h, w) != (config.in_channels, config.image_height, config.image_width):
+    def check_input(self, state: DatasetState, height: int, width: int, channels: int, labels) -> None:
+        config = DVAEConfig.from_dict(state["config"])
+        if (channels, height, width) != (config.in_channels, config.image_height, config.image_width):
             raise InputError(f"the D-VAE was fitted on {config.image_height}x{config.image_width}x"
-                             f"{config.in_channels} images; these are {h}x{w}x{c}")
-        labels = ctx.labels
+                             f"{config.in_channels} images; these are {height}x{width}x{channels}")
         if labels is None:
             raise InputError("method 'dvae' needs the images' labels to purify them")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= config.num_classes):
-            raise InputError(f"labels must be in [0, {config.num_classes}) for this D-VAE, got "
-                             f"{int(labels.min())}..{int(labels.max())}")
+        labels = np.asarray(labels)
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= config.num_classes):
+            raise InputError(f"labels must be in [0, {config.num_classes}) for this D-VAE "
+                             f"({config.num_classes} classes), got {int(labels.min())}..{int(labels.max())}")
+
+    def purify(self, x, ctx: BatchContext) -> MethodOutput:
+        stage1, stage2 = self._models(ctx.state, x.device)
+        labels = ctx.labels
+        self.check_input(ctx.state, *x.shape[2:], x.shape[1], None if labels is None else labels.cpu().numpy())
         out01 = purify_two_stage(stage1, stage2, (x + 1) / 2, labels.to(x.device), ctx.key, ctx.precision)
         ctx.step(self.network_evaluations())
         return MethodOutput(out01 * 2 - 1)
