@@ -163,6 +163,10 @@ def test_a_job_killed_while_fitting_resumes_to_the_same_bytes(data_path, tmp_pat
     monkeypatch.setattr(dvae_training, "train_stage", killed_in_stage_2)
     with pytest.raises(KeyboardInterrupt):
         purify_dataset(data_path, tmp_path / "split.npz", **kw)
+    with pytest.raises(InputError, match="--resume"):  # the work folder, fit/ included, is a job's
+        purify_dataset(data_path, tmp_path / "split.npz", **kw)
+    with pytest.raises(KeyboardInterrupt):  # and --overwrite may clear it
+        purify_dataset(data_path, tmp_path / "split.npz", overwrite=True, **kw)
     monkeypatch.undo()
     fit = tmp_path / "split.npz.parts" / "fit"
     assert json.loads((fit / "stage2" / "training_state.json").read_text())["step"] == 2
@@ -241,3 +245,14 @@ def test_a_corrupt_or_mismatched_dvae_folder_is_a_clear_error(fitted, tmp_path, 
     code, err = purify(fitted, many)
     assert code == 2 and "labels must be in [0, 4)" in err
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_puregen_train_dvae_writes_a_run_that_dvae_accepts(data_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "dvae", str(data_path), "-o", str(run), "--preset", "tiny", "--threads", "1", "--no-progress"]
+    assert main(args) == 0
+    assert "trained dvae" in capsys.readouterr().out
+    stage1, stage2, description = load_dvae_run(run)
+    assert stage1.config == stage2.config and description["stages"]["stage2"]["tau"] == 3.0
+    assert main([*args, "--steps", "3"]) == 2  # epochs, not steps, size a D-VAE fit
+    assert "--steps does not apply to dvae training" in capsys.readouterr().err

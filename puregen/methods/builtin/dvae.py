@@ -165,6 +165,3 @@ class DVAEPurification(Method):
         out01 = purify_two_stage(stage1, stage2, (x + 1) / 2, labels.to(x.device), ctx.key, ctx.precision)
         ctx.step(self.network_evaluations())
         return MethodOutput(out01 * 2 - 1)
-
-    def describe_state(self, state: DatasetState) -> dict:
-        return {k: v for k, v in state.items() if not torch.is_tensor(v)}
