@@ -195,10 +195,14 @@ def test_application_is_byte_identical_across_batch_sizes(fitted, data_path):
     assert np.abs(bf16.astype(int) - outs[0].astype(int)).mean() < 8  # the same purification, at bf16
 
 
-def test_a_jobs_fit_equals_puregen_train_dvae(fitted, data_path, tmp_path):
-    """`puregen train dvae` fits what a job fits on the same data (same seed): --dvae RUN gives its bytes."""
-    purify_dataset(data_path, tmp_path / "fit.npz", method="dvae", preset="tiny", progress=False, threads=1)
-    purify_dataset(data_path, tmp_path / "given.npz", method="dvae", dvae=str(fitted), progress=False, threads=1)
+def test_a_jobs_fit_equals_puregen_train_dvae(data_path, tmp_path):
+    """`puregen train dvae --seed S` fits what a job with --seed S fits: --dvae RUN gives the job's bytes."""
+    kw = dict(method="dvae", progress=False, threads=1, seed=7)
+    run = tmp_path / "run"
+    assert main(["train", "dvae", str(data_path), "-o", str(run), "--preset", "tiny", "--seed", "7", "--threads", "1",
+                 "--no-progress"]) == 0
+    purify_dataset(data_path, tmp_path / "fit.npz", preset="tiny", **kw)
+    purify_dataset(data_path, tmp_path / "given.npz", dvae=str(run), **kw)
     assert np.array_equal(np.load(tmp_path / "fit.npz")["x"], np.load(tmp_path / "given.npz")["x"])
 
 

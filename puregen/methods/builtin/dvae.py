@@ -13,6 +13,7 @@ purification needs the labels either way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tempfile
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ class DVAEPurification(Method):
         # the job's own stage-1 pass computes (the fit keys its noise with the job's key).
         data = TrainingData(images=to_model_space(images_u8.cpu()), labels=labels.cpu().to(torch.int64),
                             fingerprint=dataset_fingerprint(u8, labels.cpu().numpy()), source="the job's input")
-        recipe = DVAERecipe.preset(self.config.dvae_recipe)
+        # The job's seed seeds the fit too (folded into the training generators' range), so `puregen train dvae
+        # --seed S` fits what a job with --seed S fits.
+        recipe = dataclasses.replace(DVAERecipe.preset(self.config.dvae_recipe), seed=ctx.key.seed % 2**31)
 
         def run(folder: Path) -> DatasetState:
             resume = folder.is_dir() and any(folder.iterdir())
