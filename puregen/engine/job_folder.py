@@ -119,8 +119,10 @@ def load_chunk(path: Path, key: str, start: int, stop: int, recorded_sha: str | 
 
 
 # energy-NNNNN.npy: the prepass files of work folders written before the method registry, still ours to remove.
+# fit: the folder a fit method checkpoints in (D-VAE's training runs), the one folder a work folder holds.
 _OUR_PARTS_FILE = re.compile(
-    r"(manifest\.json|chunk-\d{5}\.npz|(prepass|energy)-\d{5}\.npy|dataset-state\.(json|safetensors)|fit|\..*tmp.*|\.lock)")
+    r"(manifest\.json|chunk-\d{5}\.npz|(prepass|energy)-\d{5}\.npy|dataset-state\.(json|safetensors)|fit"
+    r"|\..*tmp.*|\.lock)")
 
 
 def _ours(parts: Path) -> bool:

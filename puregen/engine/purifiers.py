@@ -183,7 +183,9 @@ class Purifier:
     def state_from_prepass(self, values: np.ndarray, indices: np.ndarray) -> DatasetState:
         return self.algorithm.state_from_prepass(values, indices)
 
-    def fit(self, images_u8: torch.Tensor, labels, key: NoiseKey, *, work_dir=None, progress: bool = False) -> DatasetState:
+    def fit(self, images_u8: torch.Tensor, labels, key: NoiseKey, *, work_dir=None,
+            progress: bool = False) -> DatasetState:
+        """A fit method's state from these images; `work_dir` is where it may checkpoint (a job's fit/)."""
         labels = self._checked_labels(labels, images_u8.shape[0])
         return self.algorithm.fit(images_u8, None if labels is None else labels.cpu(),
                                   self._context(key, work_dir=work_dir, progress=progress))

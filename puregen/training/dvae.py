@@ -185,7 +185,8 @@ def train_stage(data: TrainingData, num_classes: int, run_dir: Path, recipe: DVA
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             bar.update(step, loss=running, kl=parts["kl"])
             if (step + 1) % 20 == 0 or step + 1 == total:
-                history.append({"step": step + 1, "loss": round(running, 6), **{k: round(v, 6) for k, v in parts.items()}})
+                history.append({"step": step + 1, "loss": round(running, 6),
+                                **{k: round(v, 6) for k, v in parts.items()}})
             signals.end_of_step(step + 1, stop, run_dir, lambda: save(step + 1),
                                 due=(step + 1) % checkpoint_every == 0 or step + 1 == stop)
     if start == stop and not resume:  # nothing to train (an empty budget): still leave a resumable folder
