@@ -34,11 +34,13 @@ def _autocast(precision: str, device: torch.device):
 def _forward(model: DVAE, x: torch.Tensor, labels: torch.Tensor, key: NoiseKey, step: int, precision: str):
     """(x_hat, p_hat) in fp32 for every row, over fixed micro-batches."""
     model.eval()
-    noise = philox.normal_noise(key.indices, model.latent_shape(), seed=key.seed, stream=philox.STREAM_DVAE,
-                                step=step).to(x.device)
     x_hats, p_hats = [], []
     for s in range(0, x.shape[0], MICRO_BATCH):
-        xb, yb, nb = x[s : s + MICRO_BATCH], labels[s : s + MICRO_BATCH], noise[s : s + MICRO_BATCH]
+        # Drawn per micro-batch (a row's noise is a function of its index alone): the whole input's latent
+        # noise at once took gigabytes for a 10,000-image fit.
+        nb = philox.normal_noise(key.indices[s : s + MICRO_BATCH], model.latent_shape(), seed=key.seed,
+                                 stream=philox.STREAM_DVAE, step=step).to(x.device)
+        xb, yb = x[s : s + MICRO_BATCH], labels[s : s + MICRO_BATCH]
         k = xb.shape[0]
         if k < MICRO_BATCH:  # pad to the one shape the networks ever see
             pad = MICRO_BATCH - k

@@ -20,12 +20,12 @@ latent channels. The hinge is what makes the VAE rate-constrained: below tau
 the KL term has no gradient, so the encoder may spend up to tau nats per
 position, too few to carry the perturbation, which the class embedding carries.
 
-Cost on this project's 2-core CPU (torch fp32, 2 threads, measured with
-`scripts/time_dvae_fit.py` while two other jobs shared the cores; see
-docs/dvae.md): the `small` preset fits 10,000 28x28x1 images in about 21
-minutes (2 stages x 3 epochs x 78 steps at 2.7 s per step of 128 images); the
-published width (`paper`) costs ~1.9 GFLOP per 28x28 image per step, about 16x
-the `small` net's.
+Cost on this project's 2-core CPU (torch fp32, one thread, while two other
+jobs shared the cores; docs/dvae.md): the `small` preset fitted 10,000
+28x28x1 images in 15.6 minutes of wall time, 8.7 of CPU time (2 stages x 10
+epochs x 78 steps of 128 images; `puregen train dvae --threads 1`,
+2026-12-04). The published width (`paper`) costs ~1.9 GFLOP per 28x28 image
+per step, about 16x the `small` net's: 6.3 s per step here, a GPU job.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ class DVAERecipe:
             return cls()
         if name == "small":
             # CPU-sized: a quarter of the width (1/16 of the FLOPs), a quarter of the latent, 10 epochs a stage
-            # with the perturbation-norm term from epoch 3 on (the published 10 of 60, scaled). Measured ~9 min
-            # for 10,000 28x28x1 images on one thread of this project's CPU (module docstring).
+            # with the perturbation-norm term from epoch 3 on (the published 10 of 60, scaled). Measured 15.6 min
+            # (wall) for 10,000 28x28x1 images on one shared thread of this project's CPU (module docstring).
             return cls(epochs=10, width=16, latent_channels=64, perturbation_from_epoch=3)
         if name == "tiny":  # tests: a few steps of a very narrow net
             return cls(epochs=2, batch_size=16, width=8, latent_channels=8, perturbation_from_epoch=1)
