@@ -233,7 +233,8 @@ def test_a_corrupt_or_mismatched_dvae_folder_is_a_clear_error(fitted, tmp_path, 
     unfinished = tmp_path / "unfinished"
     shutil.copytree(fitted, unfinished)
     (unfinished / "dvae.json").unlink()
-    assert purify(unfinished) == (2, purify(unfinished)[1]) and "not a finished D-VAE run" in purify(unfinished)[1]
+    code, err = purify(unfinished)
+    assert code == 2 and "not a finished D-VAE run" in err
     corrupt = tmp_path / "corrupt"
     shutil.copytree(fitted, corrupt)
     (corrupt / "stage2" / "model.safetensors").write_bytes(b"not safetensors")
