@@ -57,15 +57,18 @@ def _cmd_purify(args) -> int:
     from ..methods.flags import method_options, network_checkpoints
     from ..methods.registry import configure
 
+    options = method_options(args)
+    algorithm = configure(args.method, args.preset, **options)  # a flag the method does not read: refused first
     runner = None
     if args.engine == "ray":
+        if algorithm.needs_labels:
+            raise InputError(f"--engine ray hands its actors images only; method {args.method!r} needs each batch's "
+                             "labels: use --engine local")
         from ..distributed.ray_job import RayChunkRunner
 
         runner = RayChunkRunner(address=args.address, num_workers=args.num_workers)
     elif args.address is not None:
         raise InputError("--address is for --engine ray")
-    options = method_options(args)
-    configure(args.method, args.preset, **options)  # a flag the method does not read: refused before any work
     manifest = purify_dataset(
         args.input, args.output, args.method, **network_checkpoints(args), preset=args.preset, **options,
         seed=args.seed, batch_size=args.batch_size, micro_batch=args.micro_batch, chunk_size=args.chunk_size,

@@ -11,12 +11,14 @@ from . import EXIT_OK
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train an EBM, a DDPM or a classifier (resumable; the run folder is a checkpoint)",
+        help="train an EBM, a DDPM, a classifier or a D-VAE (resumable; the run folder is a checkpoint)",
         description="Train a model on a dataset. The run folder holds config.json + model.safetensors "
         "(an EBM or DDPM loads with --ebm/--ddpm) and the training state; --resume continues exactly where it "
-        "stopped. Classifiers (small CNN or CIFAR ResNet-18) need labelled data.",
+        "stopped. Classifiers (small CNN or CIFAR ResNet-18) need labelled data. "
+        "dvae fits both D-VAE stages on a labelled (poisoned) set; `puregen purify --method dvae --dvae RUN` "
+        "applies them.",
     )
-    p.add_argument("kind", choices=("ebm", "ddpm", "classifier"))
+    p.add_argument("kind", choices=("ebm", "ddpm", "classifier", "dvae"))
     p.add_argument("data", help="training dataset (any format `puregen purify` reads)")
     p.add_argument("-o", "--output", required=True, help="run folder (checkpoint) to write")
     p.add_argument("--preset", default="small", choices=("small", "tiny", "paper"),
@@ -31,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ema-decay", type=float,
                    help="EBM: keep an exponential moving average of the weights (e.g. 0.999) and save it "
                    "as the run's model (default: none)")
-    p.add_argument("--epochs", type=int, help="classifier: epochs (default: the preset's)")
+    p.add_argument("--epochs", type=int, help="classifier, dvae: epochs (dvae: of each stage; default: the preset's)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32); "
                    "auto: bf16 where the CPU computes it natively, else fp32. Fixed when the run starts and kept "
@@ -50,7 +52,7 @@ def add_parser(sub) -> None:
 
 # The recipe options that only some kinds of training have.
 TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "lr_decay_at", "ema_decay", "precision"}, "ddpm": {"steps", "precision"},
-                 "classifier": {"epochs", "precision"}}
+                 "classifier": {"epochs", "precision"}, "dvae": {"epochs", "precision"}}
 
 
 def _decay_steps(text: str | None) -> tuple[int, ...] | None:
@@ -97,6 +99,10 @@ def _cmd_train(args) -> int:
 
         recipe = DDPMRecipe.preset(args.preset, in_channels=channels, sample_size=data.images.shape[-1])
         train = train_ddpm
+    elif args.kind == "dvae":
+        from ..training.dvae import DVAERecipe, train_dvae
+
+        recipe, train = DVAERecipe.preset(args.preset), train_dvae
     else:
         from ..training.classifier import ClassifierRecipe, train_classifier_run
 

@@ -94,7 +94,10 @@ def load_purifier(
     precision = check_backend(backend, precision, dev)
     pinned = pin_threads(threads)
     if not algorithm.networks:
-        return Purifier(algorithm, None, device=dev, provenance={"threads": pinned, "checkpoints": {}})
+        provenance = {"threads": pinned, "checkpoints": {}}
+        if algorithm.own_networks:  # e.g. D-VAE's fitted networks: run in this precision, part of the fingerprint
+            provenance["precision"] = precision
+        return Purifier(algorithm, None, device=dev, provenance=provenance)
     models, fingerprints, sources, defaults = {}, {}, {}, []
     for kind in algorithm.networks:
         source = given[kind]

@@ -56,6 +56,11 @@ class JobPaths:
         return self.parts / f"prepass-{k:05d}.npy"
 
     @property
+    def fit_dir(self) -> Path:
+        """Where a fit method keeps its own checkpoints while fitting (part of the job's resumable state)."""
+        return self.parts / "fit"
+
+    @property
     def dataset_state(self) -> Path:
         """A fit method's fitted state (JSON, with its tensors in a safetensors file beside it)."""
         return self.parts / "dataset-state.json"
@@ -114,15 +119,18 @@ def load_chunk(path: Path, key: str, start: int, stop: int, recorded_sha: str | 
 
 
 # energy-NNNNN.npy: the prepass files of work folders written before the method registry, still ours to remove.
+# fit: the folder a fit method checkpoints in (D-VAE's training runs), the one folder a work folder holds.
 _OUR_PARTS_FILE = re.compile(
-    r"(manifest\.json|chunk-\d{5}\.npz|(prepass|energy)-\d{5}\.npy|dataset-state\.(json|safetensors)|\..*tmp.*|\.lock)")
+    r"(manifest\.json|chunk-\d{5}\.npz|(prepass|energy)-\d{5}\.npy|dataset-state\.(json|safetensors)|fit"
+    r"|\..*tmp.*|\.lock)")
 
 
 def _ours(parts: Path) -> bool:
     """A work folder is ours to delete only when it holds nothing but a job's files."""
     try:
         return parts.is_dir() and not parts.is_symlink() and all(
-            _OUR_PARTS_FILE.fullmatch(p.name) and p.is_file() for p in parts.iterdir())
+            _OUR_PARTS_FILE.fullmatch(p.name) and (p.is_file() or (p.name == "fit" and p.is_dir()))
+            for p in parts.iterdir())
     except OSError:
         return False
 
@@ -198,7 +206,7 @@ def decide(paths: JobPaths, target: OutputTarget, *, resume: bool, overwrite: bo
             raise InputError(f"{paths.parts}: is in the way of this job's work folder and is not one; move it")
         if paths.parts_manifest.exists():
             parts_manifest = read_manifest(paths.parts_manifest)
-        elif not _ours(paths.parts) or any(p.name.startswith(("chunk-", "prepass-", "energy-", "dataset-state"))
+        elif not _ours(paths.parts) or any(p.name.startswith(("chunk-", "prepass-", "energy-", "dataset-state", "fit"))
                                            for p in paths.parts.iterdir()):
             raise InputError(f"{paths.parts}: holds files but no job manifest, so nothing in it can be trusted; "
                              "move it away, or use --overwrite if it is an old puregen work folder")

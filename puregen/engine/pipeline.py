@@ -69,6 +69,8 @@ def config_fingerprint(purifier: Purifier, seed: int, chunk_size: int) -> tuple[
         # (another norm_eps, attention head size, ...) give other bytes.
         "networks": network_configs(purifier),
     }
+    if purifier.algorithm.own_networks:  # its own networks run in the purifier's precision
+        config["precision"] = purifier.provenance.get("precision", "fp32")
     if purifier.algorithm.scope != "batch" and purifier.dataset_state is not None:
         # A dataset state given before the job (not one the job computes from its input) decides the bytes.
         config["given_dataset_state"] = state_digest(purifier.dataset_state)
@@ -85,7 +87,7 @@ def state_digest(state: dict) -> str:
         if torch.is_tensor(value):
             t = value.detach().cpu().contiguous()
             h.update(repr((str(t.dtype), tuple(t.shape))).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
             h.update(json.dumps(value, sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -232,6 +234,11 @@ def run_job(
     purifier.check_image_shape(*images.shape[1:], source=str(input_path))
     if purifier.algorithm.needs_labels and labels is None:
         raise InputError(f"{input_path}: method {purifier.method!r} needs labelled data, and these images have no labels")
+    if purifier.algorithm.scope != "batch" and purifier.dataset_state is not None:
+        try:
+            purifier.algorithm.check_input(purifier.dataset_state, *images.shape[1:], labels)
+        except InputError as e:
+            raise InputError(f"{input_path}: {e}") from None
     target = plan_output(output_path, has_labels=labels is not None)
     _check_apart(target, paths, input_path, dataset)
     target.check_replaceable()
@@ -288,7 +295,7 @@ def _run_locked(purifier, images, out_data, target, paths, manifest, seed, batch
             manifest["dataset_state"] = purifier.algorithm.describe_state(purifier.dataset_state)
         try:
             images_run = _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress,
-                                        on_chunk, chunk_runner)
+                                        on_chunk, chunk_runner, labels)
         finally:
             if dataset_pass:  # the state belongs to this dataset, not to the purifier
                 purifier.dataset_state = None
@@ -317,8 +324,10 @@ def check_writable(target: OutputTarget, data: ImageDataset) -> None:
         stored_label_dtype(data.labels, data.label_dtype, str(target.path))
 
 
-def purify_chunks_here(purifier, images, todo, seed: int, batch_size: int, bar):
+def purify_chunks_here(purifier, images, todo, seed: int, batch_size: int, bar, labels=None):
     """The chunks (k, start, stop) of `todo` purified in this process, in order: yields (k, images, audit).
+
+    `labels` (the whole input's) are passed only for a method that needs them per batch.
 
     Another chunk runner (`puregen.distributed.ray_job.RayChunkRunner`) takes the same arguments and
     yields the same triples, in any order; the job writes each chunk as it comes.
@@ -328,14 +337,15 @@ def purify_chunks_here(purifier, images, todo, seed: int, batch_size: int, bar):
         for s in range(start, stop, batch_size):
             e = min(s + batch_size, stop)
             res = purifier.purify_batch(chunk[s - start : e - start], NoiseKey.rows(seed, s, e),
-                                        progress=bar.update if bar is not None else None)
+                                        progress=bar.update if bar is not None else None,
+                                        labels=None if labels is None else np.asarray(labels[s:e], np.int64))
             outs.append(res.images.cpu().numpy())
             audits.append(res.audit)
         yield k, np.concatenate(outs), {name: np.concatenate([a[name] for a in audits]) for name in audits[0]}
 
 
 def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_size, progress, on_chunk,
-                   chunk_runner=None) -> int:
+                   chunk_runner=None, labels=None) -> int:
     """The main pass over the chunks not yet finished; returns how many images it purified."""
     n = len(images)
     # A chunk file is renamed into place whole and carries the job's key and its rows, so a chunk on
@@ -356,8 +366,10 @@ def _purify_chunks(purifier, images, chunks, paths, manifest, key, seed, batch_s
         bar.update(n - images_todo)
     writer = _Writer(paths, manifest)
     runner = chunk_runner or purify_chunks_here
+    # Only a method that reads labels per batch gets them (another chunk runner need not take them).
+    with_labels = {"labels": labels} if purifier.algorithm.needs_labels else {}
     try:
-        for k, purified, audit in runner(purifier, images, todo, seed, batch_size, bar):
+        for k, purified, audit in runner(purifier, images, todo, seed, batch_size, bar, **with_labels):
             _, start, stop = chunks[k]
             arrays = {"x": purified, "index": np.arange(start, stop, dtype=np.int64), "job": key_array(key)}
             arrays.update({f"audit_{name}": values for name, values in audit.items()})
@@ -377,12 +389,13 @@ def _dataset_state(purifier, images, labels, chunks, paths, manifest, seed, batc
         _prepass(purifier, images, chunks, paths, manifest, seed, batch_size, progress)
         values = np.concatenate([np.load(paths.prepass_chunk(k)) for k, _, _ in chunks])
         return purifier.state_from_prepass(values, np.arange(len(images)))
-    # A fit's result is part of the job's state: a resumed job reads it instead of fitting again.
+    # A fit's result is part of the job's state: a resumed job reads it instead of fitting again. A fit that
+    # checkpoints (D-VAE's training runs) does so in the work folder's fit/, so a job killed mid-fit resumes it.
     if paths.dataset_state.exists():
         return load_state(paths.dataset_state)
     state = purifier.fit(torch.from_numpy(np.ascontiguousarray(images)),
                          None if labels is None else torch.from_numpy(np.asarray(labels, np.int64)),
-                         NoiseKey.rows(seed, 0, len(images)))
+                         NoiseKey.rows(seed, 0, len(images)), work_dir=paths.fit_dir, progress=progress)
     save_state(paths.dataset_state, state)
     return state
 

@@ -154,7 +154,19 @@ class Purifier:
         return self.algorithm.network_evaluations()
 
     def _context(self, key: NoiseKey, on_step=None, **extra) -> BatchContext:
-        return BatchContext(self.evaluator, key, on_step, state=self.dataset_state, models=self.models, **extra)
+        return BatchContext(self.evaluator, key, on_step, state=self.dataset_state, models=self.models,
+                            precision=self.provenance.get("precision", "fp32"), **extra)
+
+    def _checked_labels(self, labels, n: int):
+        """The rows' labels as int64 on the device; an InputError for a method that needs them and has none."""
+        if labels is None:
+            if self.algorithm.needs_labels:
+                raise InputError(f"method {self.method!r} needs labelled data (a label for every image)")
+            return None
+        labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).to(torch.int64)
+        if labels.shape != (n,):
+            raise InputError(f"got {tuple(labels.shape)} labels for {n} images")
+        return labels.to(self.device)
 
     # -- batch level ---------------------------------------------------------------------------
 
@@ -171,10 +183,12 @@ class Purifier:
     def state_from_prepass(self, values: np.ndarray, indices: np.ndarray) -> DatasetState:
         return self.algorithm.state_from_prepass(values, indices)
 
-    def fit(self, images_u8: torch.Tensor, labels, key: NoiseKey) -> DatasetState:
-        if self.algorithm.needs_labels and labels is None:
-            raise InputError(f"method {self.method!r} needs labelled data")
-        return self.algorithm.fit(images_u8, labels, self._context(key))
+    def fit(self, images_u8: torch.Tensor, labels, key: NoiseKey, *, work_dir=None,
+            progress: bool = False) -> DatasetState:
+        """A fit method's state from these images; `work_dir` is where it may checkpoint (a job's fit/)."""
+        labels = self._checked_labels(labels, images_u8.shape[0])
+        return self.algorithm.fit(images_u8, None if labels is None else labels.cpu(),
+                                  self._context(key, work_dir=work_dir, progress=progress))
 
     def prepare_dataset(self, images_u8: torch.Tensor, labels, key: NoiseKey, batch_size: int = 64) -> DatasetState:
         """The dataset state of a prepass or fit method over these images (whose noise key is `key`)."""
@@ -192,6 +206,7 @@ class Purifier:
         *,
         keep_state: bool = False,
         first_stage_output: torch.Tensor | None = None,
+        labels=None,
     ) -> PurifyResult:
         """Purify uint8 NHWC `images_u8` whose noise key (seed and global row indices) is `key`.
 
@@ -199,6 +214,7 @@ class Purifier:
         with a `first_stage`, `first_stage_output` is that state from a purifier of the first-stage
         method with the same networks, options, precision and micro-batch on the same rows and seed:
         the method starts from it, which gives the bytes of running every stage without the first's cost.
+        `labels`: the rows' classes, for a method that `needs_labels` (D-VAE).
         """
         if not isinstance(key, NoiseKey):
             raise TypeError(f"purify_batch takes a NoiseKey, got {type(key).__name__}")
@@ -219,12 +235,13 @@ class Purifier:
         images_u8 = images_u8.to(self.device)
         key = key.to(self.device)
         n = images_u8.shape[0]
+        labels = self._checked_labels(labels, n)
         per_step = _StepProgress(progress, n, self.network_steps()) if progress else None
         x = to_model_space(images_u8)
         energy_before = self.evaluator.energy(x).cpu().numpy() if self.has_ebm else None
         stage = None if first_stage_output is None else _checked_stage_output(first_stage_output, x)
         result = algorithm.purify(x, self._context(key, per_step, energy_before=energy_before,
-                                                   first_stage_output=stage))
+                                                   first_stage_output=stage, labels=labels))
         x = result.x
         out = from_model_space(x)
         if result.unchanged is not None:
@@ -249,32 +266,37 @@ class Purifier:
 
     # -- Python API ----------------------------------------------------------------------------
 
-    def purify(self, images, *, seed: int = 0, indices=None, offset: int = 0, batch_size: int = 64):
+    def purify(self, images, *, seed: int = 0, indices=None, offset: int = 0, batch_size: int = 64, labels=None):
         """Purify an array or tensor of images; returns the same kind it was given.
 
         `indices` (the samples' global row indices) default to
         ``offset + arange(len(images))``; they key the noise, so the same image
         at the same index gets the same bytes however it is batched. A method that
         needs the whole dataset (a prepass or a fit) takes these images as the dataset,
-        unless its `dataset_state` is set.
+        unless its `dataset_state` is set. `labels`: one class per image, for a method that needs them.
         """
         x_model, restore = prepare_api_input(images)
         u8 = from_model_space(x_model)
         n = u8.shape[0]
         self.check_image_shape(*u8.shape[1:])
         key = _noise_key(seed, indices, n, offset)
+        labels = self._checked_labels(labels, n)
+        if self.algorithm.scope != "batch" and self.dataset_state is not None:
+            self.algorithm.check_input(self.dataset_state, *u8.shape[1:],
+                                       None if labels is None else labels.cpu().numpy())
         if self.needs_dataset_pass:
-            self.dataset_state = self.prepare_dataset(u8, None, key, batch_size)
+            self.dataset_state = self.prepare_dataset(u8, labels, key, batch_size)
             try:
-                out = self._purify_all(u8, key, batch_size)
+                out = self._purify_all(u8, key, batch_size, labels)
             finally:
                 self.dataset_state = None  # the state belongs to these images, not to the purifier
         else:
-            out = self._purify_all(u8, key, batch_size)
+            out = self._purify_all(u8, key, batch_size, labels)
         return restore(out)
 
-    def _purify_all(self, u8: torch.Tensor, key: NoiseKey, batch_size: int) -> torch.Tensor:
-        parts = [self.purify_batch(u8[s : s + batch_size], key.split(s, s + batch_size)).images
+    def _purify_all(self, u8: torch.Tensor, key: NoiseKey, batch_size: int, labels=None) -> torch.Tensor:
+        parts = [self.purify_batch(u8[s : s + batch_size], key.split(s, s + batch_size),
+                                   labels=None if labels is None else labels[s : s + batch_size]).images
                  for s in range(0, u8.shape[0], batch_size)]
         return torch.cat(parts, dim=0)
 

@@ -51,6 +51,7 @@ MASK32 = 0xFFFFFFFF
 STREAM_EBM = 1
 STREAM_DDPM_FORWARD = 2
 STREAM_DDPM_REVERSE = 3
+STREAM_DVAE = 4  # D-VAE's latent samples (steps 0, 1, 2: the three encoder passes); 4 mod 16 is no reps stage's
 REPEAT_STRIDE = 16
 MAX_STREAM = 0xFFFF
 MAX_SAMPLE_INDEX = (1 << 48) - 1

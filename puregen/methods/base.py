@@ -20,6 +20,8 @@ engine needs to know of it before running it:
   as `Purifier.dataset_state`);
 * `first_stage`: the name of a method whose whole fp32 result is this method's first
   stage (`naive` starts where `ebm` ends), so a caller holding that result may skip it;
+* `own_networks`: it runs networks of its own (D-VAE's fitted ones, held in its dataset
+  state) in the purifier's precision (`BatchContext.precision`);
 * `differentiable`: whether `purify_differentiable` gives a float path that gradients
   flow through (test-time attacks differentiate through the purification).
 
@@ -31,6 +33,7 @@ and `network_evaluations()` for progress and benchmarks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
@@ -54,6 +57,10 @@ class BatchContext:
     state: DatasetState | None = None  # the dataset state of a prepass or fit method
     first_stage_output: torch.Tensor | None = None  # `first_stage`'s fp32 result for these rows, when given
     models: Mapping[str, torch.nn.Module] = field(default_factory=dict)  # the loaded networks by kind
+    labels: torch.Tensor | None = None  # int64 class of each row, for a method that `needs_labels`
+    precision: str = "fp32"  # how a method with `own_networks` runs them (fp32, bf16, fp16 autocast)
+    work_dir: Path | None = None  # `fit`: a folder of the job's resumable state for the fit's own checkpoints
+    progress: bool = False  # `fit`: whether a long fit may show a progress bar
 
     def step(self, k: int = 1) -> None:
         if self.on_step is not None:
@@ -84,6 +91,9 @@ class Method:
     differentiable: ClassVar[bool] = False
     pixels: ClassVar[bool] = False  # works on the uint8 pixels, not in model space
     min_side: ClassVar[int] = 4  # the smallest image side it purifies
+    # Networks of its own (a fit method's fitted models, in its dataset state) that it runs on the purifier's
+    # device in its precision (`BatchContext.precision`), which is then part of a job's fingerprint.
+    own_networks: ClassVar[bool] = False
 
     def __init__(self, config):
         if not isinstance(config, self.Config):
@@ -121,8 +131,15 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} has no prepass")
 
     def fit(self, images_u8: torch.Tensor, labels: torch.Tensor | None, ctx: BatchContext) -> DatasetState:
-        """`fit` scope: the state fitted on the whole input (uint8 NHWC; labels when `needs_labels`)."""
+        """`fit` scope: the state fitted on the whole input (uint8 NHWC; labels when `needs_labels`).
+
+        `ctx.work_dir`, when given, is a folder inside the job's resumable state: a fit that checkpoints there
+        and resumes from what it finds continues where a killed job stopped."""
         raise NotImplementedError(f"method {self.name!r} has no fit")
+
+    def check_input(self, state: DatasetState, height: int, width: int, channels: int, labels) -> None:
+        """An InputError when images of this shape (and these labels) cannot go through a given dataset state
+        (D-VAE's fitted networks); called before a job writes anything."""
 
     def describe_state(self, state: DatasetState) -> dict:
         """What a job's manifest records of a dataset state (JSON values)."""

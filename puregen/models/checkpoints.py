@@ -74,6 +74,10 @@ CONFIG_LIMITS = {
     "attention_head_dim": (1, 8192),
     "sample_size": (1, 1 << 14),
     "num_train_timesteps": (1, 10**7),
+    "image_height": (2, 1 << 14),
+    "image_width": (2, 1 << 14),
+    "width": (2, 8192),
+    "latent_channels": (1, 8192),
 }
 _UNET_FLOATS = ("freq_shift", "mid_block_scale_factor", "norm_eps", "dropout")
 
@@ -104,6 +108,14 @@ def check_config_values(model_type: str, config, path: Path) -> None:
         raise CheckpointError(
             f"{path}: invalid {model_type} config: expected a JSON object, got {type(config).__name__}"
         )
+    if model_type == "dvae":
+        fields = ("in_channels", "image_height", "image_width", "num_classes", "width", "latent_channels")
+        missing = [f for f in fields if f not in config]
+        if missing:
+            raise CheckpointError(f"{path}: invalid dvae config: missing {', '.join(missing)}")
+        for field in fields:
+            _check_int(config[field], field, path, model_type)
+        return
     if model_type in ("ebm", "classifier"):
         fields = ("in_channels", "nf") if model_type == "ebm" else ("arch", "in_channels", "num_classes")
         missing = [f for f in fields if f not in config]
@@ -154,9 +166,9 @@ def check_config_values(model_type: str, config, path: Path) -> None:
 
 def _model_from_config(model_type: str, config: dict, path: Path) -> nn.Module:
     """The model `config` describes, built on the meta device (its tensors take no memory)."""
-    if model_type not in ("ebm", "unet", "classifier"):
+    if model_type not in ("ebm", "unet", "classifier", "dvae"):
         raise CheckpointError(
-            f"{path}: unknown model_type {_short(model_type)} (expected 'ebm', 'unet' or 'classifier')"
+            f"{path}: unknown model_type {_short(model_type)} (expected 'ebm', 'unet', 'classifier' or 'dvae')"
         )
     check_config_values(model_type, config, path)
     with torch.device("meta"):
@@ -172,6 +184,10 @@ def _build(model_type: str, config: dict, path: Path) -> nn.Module:
             from .unet_config import UNetConfig
 
             return UNet2D(UNetConfig.from_dict(config))
+        if model_type == "dvae":
+            from .dvae import DVAE, DVAEConfig
+
+            return DVAE(DVAEConfig.from_dict(config))
         if model_type == "classifier":
             from .classifiers import ClassifierConfig, build_classifier
 
@@ -200,7 +216,8 @@ def load_model(path: str | os.PathLike, expect: str | None = None) -> LoadedMode
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: a checkpoint is a folder with config.json and a .safetensors file")
 
-    role = {"ebm": "an EBM (--ebm)", "unet": "a DDPM UNet (--ddpm)", "classifier": "a classifier"}
+    role = {"ebm": "an EBM (--ebm)", "unet": "a DDPM UNet (--ddpm)", "classifier": "a classifier",
+            "dvae": "a D-VAE stage (--dvae)"}
 
     def check_expected(model_type: str) -> None:
         if expect is not None and model_type != expect:
@@ -260,6 +277,10 @@ def model_type_of(model: nn.Module) -> str:
 
     if isinstance(model, UNet2D):
         return "unet"
+    from .dvae import DVAE
+
+    if isinstance(model, DVAE):
+        return "dvae"
     from .classifiers import ClassifierConfig
 
     if isinstance(getattr(model, "config", None), ClassifierConfig):
