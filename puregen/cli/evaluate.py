@@ -14,7 +14,10 @@ def add_parser(sub) -> None:
         "writes results.csv (one row per classifier), summary.csv, results.md (the table in the layout of the "
         "PureGen paper's Table 1), results.json and plots.png to --out. An interrupted run continues where it "
         "stopped. Default: --scale small, attacks badnets, narcissus-16-1pct; defenses none, "
-        "jpeg-75, friends, ebm, ddpm, naive; 3 seeds; 50 targets for the targeted attacks of --full.",
+        "jpeg-75, friends, ebm, ddpm, naive; 3 seeds; 50 targets for the targeted attacks of --full. "
+        "--family unlearnable: the unlearnable-example table instead (attacks em-sample-8, em-class-8, lsp, ar, "
+        "ops; defenses none, jpeg-10, bitdepth-2, grayscale on colour data, ebm, ddpm, dvae; each cell the "
+        "victim's clean test accuracy; at small scale on 5,000 base images).",
     )
     p.add_argument("--scale", default="small", choices=("small", "paper"),
                    help="small: Fashion-MNIST, 10,000 training images, small CNN (CPU, default); "
@@ -26,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", default="runs/eval", help="folder for caches and the report (default: runs/eval)")
     p.add_argument("--full", action="store_true", help="add Gradient Matching, Narcissus 8/255 and 10%%, Bullseye "
                    "Polytope (linear probe, fine-tune), JPEG q90/50/25, reps and filt")
+    p.add_argument("--family", default="poisoning", choices=("poisoning", "unlearnable"),
+                   help="poisoning: backdoor and targeted attacks (default); unlearnable: unlearnable examples, "
+                   "against the squeezing baselines, PureGen and D-VAE")
     p.add_argument("--attacks", help="comma-separated attacks instead of the default set")
     p.add_argument("--defenses", help="comma-separated defenses instead of the default set (none is always run)")
     p.add_argument("--seeds", type=int, help="classifier seeds per backdoor cell (default 3)")
@@ -52,7 +58,7 @@ def _cmd_eval(args) -> int:
         return Path(text) if text else None
 
     cfg = EvalConfig(out=Path(args.out), scale=args.scale, data=path(args.data), pood=path(args.pood),
-                     full=args.full, attacks=names(args.attacks), defenses=names(args.defenses), seeds=args.seeds,
+                     full=args.full, family=args.family, attacks=names(args.attacks), defenses=names(args.defenses), seeds=args.seeds,
                      targets=args.targets, epochs=args.epochs, ebm=path(args.ebm), ddpm=path(args.ddpm),
                      threads=args.threads, smoke=args.smoke, progress=not args.no_progress)
     run_eval(cfg)

@@ -95,6 +95,9 @@ ATTACKS = {a.name: a for a in (
 # The targeted attacks need victims trained long enough and crafting strong enough that the default table
 # cannot afford them at 50 targets a cell; they are judged in `--full` (docs/results-small.md).
 DEFAULT_ATTACKS = ("badnets", "narcissus-16-1pct")
+# `puregen eval --family unlearnable`: error-minimising noise (both kinds), LSP, AR and the one-pixel
+# shortcut (TAP, tap-8, is offered through --attacks).
+UNLEARNABLE_ATTACKS = ("em-sample-8", "em-class-8", "lsp", "ar", "ops")
 FULL_ATTACKS = DEFAULT_ATTACKS + ("gradient-matching", "narcissus-8-1pct", "narcissus-16-10pct", "bullseye-linear",
                                   "bullseye-finetune")
 

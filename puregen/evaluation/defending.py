@@ -19,6 +19,12 @@ FrieNDs computes its friendly noise with a model pre-trained on the clean
 base set, for the base rows and the poisons alike (the published defense
 pre-trains on the poisoned set; at 1% poisons the two are nearly the same
 model), and its victim trains with random noise on top.
+
+A method that learns from the dataset it purifies (`dvae`, scope `fit`) has
+no "on its own" at all: its defense fits on each whole poisoned training
+set and purifies every row of it with what it fitted. Its result is cached
+per poisoned set (`set-DIGEST.npz`), and the fit checkpoints into
+`fit-DIGEST/`, so a run stopped during a fit resumes it.
 """
 
 from __future__ import annotations
@@ -49,18 +55,37 @@ def purifier_methods() -> tuple[str, ...]:
     return tuple(m.name for m in registry.all_methods() if m.networks)
 
 
+def fit_methods() -> tuple[str, ...]:
+    """The registered methods that fit on the whole dataset they purify (D-VAE)."""
+    return tuple(m.name for m in registry.all_methods() if m.scope == "fit")
+
+
+MAX_BITS = 7  # bitdepth-B: B bits per channel, 1..7 (8 keeps every level)
+
+
 @dataclass(frozen=True)
 class DefenseSpec:
     name: str
-    kind: str  # none | jpeg | purifier | friends
+    kind: str  # none | jpeg | pixels (bitdepth, grayscale) | purifier | fit | friends
     method: str | None = None
     quality: int | None = None
+    bits: int | None = None  # bitdepth-B
 
     def label(self) -> str:
-        if self.kind == "purifier":
+        if self.kind in ("purifier", "fit"):
             return registry.get(self.method).label or self.name
+        if self.kind == "pixels":
+            return f"Bit depth {self.bits}" if self.method == "bitdepth" else registry.get(self.method).label
         return {"none": "None", "friends": "FrieNDs"}.get(
             self.name, f"JPEG q{self.quality}" if self.kind == "jpeg" else self.name)
+
+    def key_fields(self) -> dict:
+        """The spec as it enters the cache keys. A field added later enters only when set, so the folders of
+        runs made before it keep their keys (and their cached images and classifiers)."""
+        d = dataclasses.asdict(self)
+        if d["bits"] is None:
+            del d["bits"]
+        return d
 
 
 def defense_spec(name: str) -> DefenseSpec:
@@ -68,10 +93,25 @@ def defense_spec(name: str) -> DefenseSpec:
         return DefenseSpec(name, name)
     if name in purifier_methods():
         return DefenseSpec(name, "purifier", name)
+    if name in fit_methods():
+        return DefenseSpec(name, "fit", name)
     if name.startswith("jpeg-") and name[5:].isdigit() and 1 <= int(name[5:]) <= 100:
         return DefenseSpec(name, "jpeg", "jpeg", int(name[5:]))
-    raise InputError(f"unknown defense {name!r}; choose none, jpeg-Q (Q in 1..100), friends, "
-                     f"{', '.join(purifier_methods())}")
+    if name.startswith("bitdepth-") and name[9:].isdigit() and 1 <= int(name[9:]) <= MAX_BITS:
+        return DefenseSpec(name, "pixels", "bitdepth", bits=int(name[9:]))
+    if name == "grayscale":
+        return DefenseSpec(name, "pixels", "grayscale")
+    raise InputError(f"unknown defense {name!r}; choose none, jpeg-Q (Q in 1..100), bitdepth-B (B in 1..{MAX_BITS}), "
+                     f"grayscale, friends, {', '.join(purifier_methods() + fit_methods())}")
+
+
+def unlearnable_defenses(data: ScaleData, settings: ScaleSettings) -> tuple[str, ...]:
+    """The defenses of the unlearnable-example table: the Image Shortcut Squeezing baselines (JPEG, bit
+    depth, and grayscale where the images have colour), PureGen's EBM and DDPM, and D-VAE."""
+    squeeze = (f"jpeg-{settings.ue_jpeg_quality}", f"bitdepth-{settings.ue_bits}")
+    if data.base_images.shape[-1] == 3:
+        squeeze += ("grayscale",)
+    return ("none", *squeeze, "ebm", "ddpm", "dvae")
 
 
 def default_defenses(settings: ScaleSettings, full: bool) -> tuple[str, ...]:
@@ -106,8 +146,8 @@ class PreparedDefense:
         self.purifier = None
         self.friends: FriendlyNoiseDefense | None = None
         self.classifier_overrides: dict = {}
-        config: dict = {"defense": dataclasses.asdict(spec), "seed": ctx.seed}
-        if spec.kind in ("jpeg", "purifier"):
+        config: dict = {"defense": spec.key_fields(), "seed": ctx.seed}
+        if spec.kind in ("jpeg", "pixels", "purifier", "fit"):
             self.purifier = self._load_purifier()
             config["purifier"] = config_fingerprint(self.purifier, ctx.seed, chunk_size=0)[0]
         elif spec.kind == "friends":
@@ -134,6 +174,13 @@ class PreparedDefense:
         s, c = self.ctx.settings, self.ctx
         if self.spec.kind == "jpeg":
             return load_purifier("jpeg", jpeg_quality=self.spec.quality, threads=c.threads)
+        if self.spec.kind == "pixels":
+            options = {"bits": self.spec.bits} if self.spec.bits is not None else {}
+            return load_purifier(self.spec.method, threads=c.threads, **options)
+        if self.spec.kind == "fit":
+            recipe = "tiny" if c.smoke else s.dvae_recipe
+            return load_purifier(self.spec.method, precision=s.precision, micro_batch=s.micro_batch,
+                                 threads=c.threads, dvae_recipe=recipe)
         method = registry.get(self.spec.method)
         return load_purifier(method.name, ebm=c.checkpoints.ebm, ddpm=c.checkpoints.ddpm, precision=s.precision,
                              micro_batch=s.micro_batch, threads=c.threads, **stage_settings(method, s, c.smoke))
@@ -169,6 +216,8 @@ class PreparedDefense:
         return out
 
     def base(self) -> np.ndarray:
+        if self.whole_set:
+            raise RuntimeError(f"defense {self.spec.name!r} fits on each whole poisoned set: use poisoned_set()")
         d = self.ctx.data
         indices = np.arange(len(d.base_images))
         if self.purifier is not None:
@@ -182,6 +231,37 @@ class PreparedDefense:
             self._prepare_dataset()
         digest = hashlib.sha256(images.tobytes() + np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
         return self._cached(self.folder / f"rows-{digest}.npz", images, indices, f"{self.spec.name} [{name}]")
+
+    @property
+    def whole_set(self) -> bool:
+        """Whether this defense transforms each poisoned training set as a whole (a fit method), so that
+        there is no defended base set to put defended poison rows into."""
+        return self.spec.kind == "fit"
+
+    def poisoned_set(self, ps, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A fit defense's training set for one poison set: fitted on the whole poisoned set, then every row
+        purified with the fit (labels as in the poisoned set). Cached per poisoned set."""
+        d = self.ctx.data
+        images, labels = ps.poisoned_training_set(d.base_images, d.base_labels)
+        digest = hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes()).hexdigest()[:16]
+        cache = self.folder / f"set-{digest}.npz"
+        if cache.is_file():
+            cached = read_dataset(cache).images
+            if cached.shape == images.shape:
+                return cached, labels
+        self.purifier.check_image_shape(*images.shape[1:], source=f"{name} (poisoned training set)")
+        key = NoiseKey.rows(self.ctx.seed, 0, len(images))
+        # The fit checkpoints into its own folder, so a run stopped mid-fit resumes it.
+        self.purifier.dataset_state = self.purifier.fit(torch.from_numpy(images), labels, key,
+                                                        work_dir=self.folder / f"fit-{digest}",
+                                                        progress=self.ctx.progress)
+        try:
+            out = purify_rows(self.purifier, images, np.arange(len(images)), seed=self.ctx.seed, labels=labels,
+                              desc=f"{self.spec.name} [{name}]", progress=self.ctx.progress)
+        finally:
+            self.purifier.dataset_state = None  # the state belongs to this poisoned set only
+        write_npz_atomic(cache, x=out)
+        return out, labels
 
     def _prepare_dataset(self) -> None:
         """The dataset state (filt: the energy quantile) from the clean base set, kept for the poisons too."""
@@ -215,11 +295,13 @@ def stage_settings(method, settings: ScaleSettings, smoke: bool) -> dict:
 
 
 def purify_rows(purifier, images: np.ndarray, indices: np.ndarray, *, seed: int, desc: str, progress: bool,
-                batch_size: int = 64, keep_state: bool = False, first_stage_output: np.ndarray | None = None):
+                batch_size: int = 64, keep_state: bool = False, first_stage_output: np.ndarray | None = None,
+                labels: np.ndarray | None = None):
     """Purify uint8 NHWC rows whose base-set row numbers are `indices`, with a progress bar.
 
     Returns the purified rows; with `keep_state`, also their fp32 states before rounding (N, C, H, W).
     `first_stage_output`: such states of the method's first stage over the same rows, to start from.
+    `labels`: the rows' classes, for a method that needs them.
     """
     bar = image_progress_bar(len(images), desc, progress)
     parts, states = [], []
@@ -228,7 +310,8 @@ def purify_rows(purifier, images: np.ndarray, indices: np.ndarray, *, seed: int,
         batch = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size]))
         key = NoiseKey.of(seed, np.asarray(indices[s : s + batch_size], dtype=np.int64))
         stage = None if first_stage_output is None else torch.from_numpy(first_stage_output[s : s + batch_size])
-        res = purifier.purify_batch(batch, key, keep_state=keep_state, first_stage_output=stage)
+        res = purifier.purify_batch(batch, key, keep_state=keep_state, first_stage_output=stage,
+                                    labels=None if labels is None else labels[s : s + batch_size])
         parts.append(res.images.cpu().numpy())
         if keep_state:
             states.append(res.state.cpu().numpy())

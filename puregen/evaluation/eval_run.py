@@ -29,29 +29,48 @@ from .attack_suite import (
     ATTACKS,
     DEFAULT_ATTACKS,
     FULL_ATTACKS,
+    UNLEARNABLE_ATTACKS,
     AttackContext,
     feature_extractor,
     poison_sets,
     transfer_split,
 )
 from .attacks.bullseye import train_transfer
-from .defending import Checkpoints, DefenseContext, PreparedDefense, default_defenses, defense_spec
+from .defending import (
+    Checkpoints,
+    DefenseContext,
+    PreparedDefense,
+    default_defenses,
+    defense_spec,
+    unlearnable_defenses,
+)
 from .poison_set import PoisonSet
 from .report import (
     Row,
     markdown_table,
     plot_cells,
     read_rows,
+    recovery_table,
     require_matplotlib,
     summarize,
     write_report,
     write_rows,
     write_summary_csv,
 )
-from .scales import ScaleData, ScaleSettings, load_paper, load_small, scale_settings, smoke_data, smoke_settings
+from .scales import (
+    ScaleData,
+    ScaleSettings,
+    load_paper,
+    load_small,
+    scale_settings,
+    smoke_data,
+    smoke_settings,
+    unlearnable_data,
+)
 
 CHANCE_FILE = "chance.json"  # the clean reference models' success per attack, keyed like the rows
 FINETUNE_LR_FACTOR = 0.1  # fine-tuning a pre-trained extractor takes a smaller step than training from scratch
+FAMILIES = ("poisoning", "unlearnable")  # the default table; the unlearnable-example table
 
 
 @dataclass
@@ -61,6 +80,7 @@ class EvalConfig:
     data: Path | None = None
     pood: Path | None = None
     full: bool = False
+    family: str = "poisoning"  # or "unlearnable": the UE attacks and their defenses, on the UE base set
     attacks: tuple[str, ...] | None = None
     defenses: tuple[str, ...] | None = None
     seeds: int | None = None
@@ -88,12 +108,30 @@ def _settings(cfg: EvalConfig) -> ScaleSettings:
     return s
 
 
-def _names(cfg: EvalConfig, settings: ScaleSettings) -> tuple[list[str], list[str]]:
-    attacks = list(cfg.attacks or (FULL_ATTACKS if cfg.full else DEFAULT_ATTACKS))
+def _names(cfg: EvalConfig, settings: ScaleSettings, data: ScaleData | None = None) -> tuple[list[str], list[str]]:
+    """The attacks and defenses to run; `data` (the images, for the unlearnable family's grayscale row) may be
+    left out to check the names alone."""
+    if cfg.family not in FAMILIES:
+        raise InputError(f"unknown --family {cfg.family!r}; choose {' or '.join(FAMILIES)}")
+    unlearnable = cfg.family == "unlearnable"
+    if unlearnable and cfg.full:
+        raise InputError("--full adds to the poisoning table; the unlearnable family has one table (drop --full)")
+    attacks = list(cfg.attacks or (UNLEARNABLE_ATTACKS if unlearnable else FULL_ATTACKS if cfg.full
+                                   else DEFAULT_ATTACKS))
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise InputError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
-    defenses = list(cfg.defenses or default_defenses(settings, cfg.full))
+    mixed = [a for a in attacks if (ATTACKS[a].family == "unlearnable") != unlearnable]
+    if mixed:
+        raise InputError(f"attack(s) {mixed} belong to the other --family (unlearnable examples are measured on "
+                         f"their own base set, the others on the poisoning table's); run them with "
+                         f"--family {'poisoning' if unlearnable else 'unlearnable'}")
+    if cfg.defenses:
+        defenses = list(cfg.defenses)
+    elif unlearnable:
+        defenses = list(unlearnable_defenses(data, settings)) if data is not None else ["none"]
+    else:
+        defenses = list(default_defenses(settings, cfg.full))
     for d in defenses:
         defense_spec(d)  # validates the name
     if "none" not in defenses:
@@ -168,10 +206,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     require_matplotlib()  # before an hour of work, not at its end
     threads = pin_threads(cfg.threads)
     settings = _settings(cfg)
-    attacks, defenses = _names(cfg, settings)  # a mistyped name is reported before the data is read
+    _names(cfg, settings)  # a mistyped name is reported before the data is read
     data = load_small(cfg.data) if cfg.scale == "small" else load_paper(cfg.data, cfg.pood)
+    if cfg.family == "unlearnable":
+        data = unlearnable_data(data, settings)
     if cfg.smoke:
         data = smoke_data(data)
+    attacks, defenses = _names(cfg, settings, data)
     cfg.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -202,7 +243,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         spec = defense_spec(name)
         t0 = time.perf_counter()
         defense = PreparedDefense(spec, dctx)
-        base = defense.base()
+        # The defended base set only where a poison set leaves rows of it in place: an unlearnable set
+        # replaces every row (and a fit defense transforms each poisoned set whole).
+        needs_base = not defense.whole_set and any(
+            len(np.unique(ps.indices)) < len(data.base_images) for a in attacks for ps in poisons[a])
+        base = defense.base() if needs_base else data.base_images
         timings[f"defend base {name}"] = round(time.perf_counter() - t0, 1)
         for attack in attacks:
             aspec = ATTACKS[attack]
@@ -215,10 +260,13 @@ def run_eval(cfg: EvalConfig) -> dict:
                     rows.extend(done[k] for k in keys.values())
                     continue
                 t1 = time.perf_counter()
-                defended = defense.rows(ps.images, ps.indices, f"{attack} case {case}")
+                if defense.whole_set:
+                    images, labels = defense.poisoned_set(ps, f"{attack} case {case}")
+                else:
+                    defended = defense.rows(ps.images, ps.indices, f"{attack} case {case}")
+                    images, labels = ps.poisoned_training_set(base, data.base_labels, poison_images=defended)
                 timings[f"defend poisons {name}"] = timings.get(f"defend poisons {name}", 0) + round(
                     time.perf_counter() - t1, 1)
-                images, labels = ps.poisoned_training_set(base, data.base_labels, poison_images=defended)
                 for s, key in keys.items():
                     if key in done:
                         rows.append(done[key])
@@ -232,20 +280,24 @@ def run_eval(cfg: EvalConfig) -> dict:
         timings[f"defense {name} total"] = round(time.perf_counter() - t0, 1)
 
     targeted = {a: ATTACKS[a].targeted for a in attacks}
-    cells = summarize(rows, targeted)
+    availability = {a: ATTACKS[a].family == "unlearnable" for a in attacks}
+    cells = summarize(rows, targeted, availability)
     attack_labels = {a: ATTACKS[a].label() for a in attacks}
     defense_labels = {d: defense_spec(d).label() for d in defenses}
     table = markdown_table(cells, attack_labels, defense_labels, chance)
+    recovery = recovery_table(cells, attack_labels, defense_labels, chance) if any(availability.values()) else None
     timings["total_seconds"] = round(time.perf_counter() - t_start, 1)
     result = {
         "table_markdown": table,
+        "recovery_markdown": recovery,
         "cells": [asdict(c) for c in cells],
         "chance": chance,
         "timings": timings,  # of this invocation
         "earlier_timings": _earlier_timings(cfg.out / "results.json"),
         "classifiers_trained": victim.trained,  # by this invocation; the others came from results.csv
         "setup": {
-            "scale": cfg.scale, "smoke": cfg.smoke, "data": data.description, "notes": data.notes,
+            "scale": cfg.scale, "family": cfg.family, "smoke": cfg.smoke, "data": data.description,
+            "notes": data.notes, "base_images": len(data.base_images),
             "attacks": attacks, "defenses": defenses, "seeds": settings.seeds, "targets": settings.targets,
             "settings": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in asdict(settings).items()},
             "classifier": settings.classifier.to_dict(), "threads": threads,
@@ -312,14 +364,26 @@ def _earlier_timings(path: Path) -> list[dict]:
 
 def report_markdown(result: dict) -> str:
     s = result["setup"]
-    lines = [
-        f"# puregen eval: {s['scale']} scale{' (smoke test: not a measurement)' if s['smoke'] else ''}", "",
-        s["data"] + ".", "",
-        "Each cell: poison success % / natural accuracy %. Backdoor attacks: mean ± std over "
-        f"{s['seeds']} classifier seeds. Targeted attacks: share of {s['targets']} targets flipped, "
-        "[95% Wilson interval] (flipped/targets); natural accuracy is the mean over those models.", "",
-        result["table_markdown"],
-    ]
+    smoke = " (smoke test: not a measurement)" if s["smoke"] else ""
+    if s.get("family") == "unlearnable":
+        lines = [
+            f"# puregen eval --family unlearnable: {s['scale']} scale{smoke}", "", s["data"] + ".", "",
+            f"Each cell: clean test accuracy % of the victim trained on the {s['base_images']:,}-image "
+            f"unlearnable set after the defense (every image poisoned, labels kept), mean ± std over "
+            f"{s['seeds']} classifier seeds; the last row is the victim trained on the clean set.", "",
+            result["table_markdown"],
+            "Share of the accuracy each attack took that each defense wins back, % (100: all of it; "
+            "negative: the defense costs accuracy):", "",
+            result["recovery_markdown"],
+        ]
+    else:
+        lines = [
+            f"# puregen eval: {s['scale']} scale{smoke}", "", s["data"] + ".", "",
+            "Each cell: poison success % / natural accuracy %. Backdoor attacks: mean ± std over "
+            f"{s['seeds']} classifier seeds. Targeted attacks: share of {s['targets']} targets flipped, "
+            "[95% Wilson interval] (flipped/targets); natural accuracy is the mean over those models.", "",
+            result["table_markdown"],
+        ]
     lines += [f"- {n}" for n in s["notes"]]
     lines += ["", f"Total time {result['timings']['total_seconds']} s.", ""]
     return "\n".join(lines)

@@ -5,7 +5,9 @@ A row is one trained classifier and what it measured. A cell is one
 classifier seed and reports mean and sample standard deviation; for a
 targeted attack it holds one measurement per target and reports the share
 of targets flipped with a 95% Wilson score interval (a binomial interval that
-stays inside [0, 100]% at 0 or n successes).
+stays inside [0, 100]% at 0 or n successes). For an availability attack
+(unlearnable examples) the measure is the victim's clean test accuracy, over
+seeds, against that of a victim trained on the clean set.
 
 Both commands write `results.json` and `results.md` with `write_report`;
 `puregen eval` adds the rows as CSV (its cache of trained classifiers), the
@@ -97,12 +99,15 @@ class Cell:
     natural_mean: float  # percent
     natural_std: float
     flipped: int = 0
+    availability: bool = False  # unlearnable examples: the natural accuracy is the measure
 
 
-def summarize(rows: list[Row], targeted: dict[str, bool] | None = None) -> list[Cell]:
-    """One cell per (attack, defense), in first-seen order; `targeted` names the targeted attacks (the others
-    are backdoors, summarised over seeds)."""
-    targeted = targeted or {}
+def summarize(rows: list[Row], targeted: dict[str, bool] | None = None,
+              availability: dict[str, bool] | None = None) -> list[Cell]:
+    """One cell per (attack, defense), in first-seen order; `targeted` names the targeted attacks and
+    `availability` the unlearnable-example ones (the others are backdoors; both those are summarised over
+    seeds)."""
+    targeted, availability = targeted or {}, availability or {}
     cells = []
     for attack, defense in dict.fromkeys((r.attack, r.defense) for r in rows):
         group = [r for r in rows if r.attack == attack and r.defense == defense]
@@ -116,7 +121,8 @@ def summarize(rows: list[Row], targeted: dict[str, bool] | None = None) -> list[
                               100 * high, float(nat.mean()), float(nat.std(ddof=ddof)), k))
         else:
             cells.append(Cell(attack, defense, False, len(group), float(suc.mean()), float(suc.std(ddof=ddof)),
-                              math.nan, math.nan, float(nat.mean()), float(nat.std(ddof=ddof))))
+                              math.nan, math.nan, float(nat.mean()), float(nat.std(ddof=ddof)),
+                              availability=availability.get(attack, False)))
     return cells
 
 
@@ -128,6 +134,8 @@ def success_text(c: Cell) -> str:
 
 
 def cell_text(c: Cell) -> str:
+    if c.availability:
+        return f"{c.natural_mean:.1f} ± {c.natural_std:.1f}"
     return f"{success_text(c)} / {c.natural_mean:.1f}"
 
 
@@ -145,9 +153,36 @@ def markdown_table(cells: list[Cell], attack_labels: dict[str, str], defense_lab
     by = {(c.attack, c.defense): c for c in cells}
     body = [[defense_labels.get(d, d)] + [cell_text(by[(a, d)]) if (a, d) in by else "-" for a in attacks]
             for d in defenses]
-    if chance:
-        body.append(["*chance (clean model)*"] + [f"{chance[a]:.1f}" if a in chance else "-" for a in attacks])
+    kinds = {c.attack: c.availability for c in cells}
+    if chance and not all(kinds.values()):
+        body.append(["*chance (clean model)*"] + [f"{chance[a]:.1f}" if a in chance and not kinds[a] else "-"
+                                                  for a in attacks])
+    if chance and any(kinds.values()):  # the availability attacks' chance is the clean model's error
+        body.append(["*clean training set*"] + [f"{100 - chance[a]:.1f}" if a in chance and kinds[a] else "-"
+                                                for a in attacks])
     return _markdown(["defense"] + [attack_labels.get(a, a) for a in attacks], body)
+
+
+def recovery_table(cells: list[Cell], attack_labels: dict[str, str], defense_labels: dict[str, str],
+                   chance: dict[str, float]) -> str:
+    """Unlearnable examples: the share of the accuracy each attack took (clean victim minus undefended
+    victim) that each defense wins back, in percent; a row per defense other than none."""
+    attacks = [a for a in dict.fromkeys(c.attack for c in cells if c.availability) if a in chance]
+    by = {(c.attack, c.defense): c for c in cells}
+    defenses = [d for d in dict.fromkeys(c.defense for c in cells) if d != "none"]
+    body = []
+    for d in defenses:
+        row = [defense_labels.get(d, d)]
+        for a in attacks:
+            taken = (100 - chance[a]) - by[(a, "none")].natural_mean if (a, "none") in by else math.nan
+            if (a, d) not in by or not taken > 0:
+                row.append("-")
+            else:
+                row.append(f"{100 * (by[(a, d)].natural_mean - by[(a, 'none')].natural_mean) / taken:.0f}")
+        body.append(row)
+    drop = ["*accuracy taken (points)*"] + [
+        f"{(100 - chance[a]) - by[(a, 'none')].natural_mean:.1f}" if (a, "none") in by else "-" for a in attacks]
+    return _markdown(["defense"] + [attack_labels.get(a, a) for a in attacks], [drop] + body)
 
 
 def markdown_seed_table(cells: list[Cell]) -> str:

@@ -83,6 +83,13 @@ class ScaleSettings:
     transfer_epochs: int = 10
     jpeg_qualities: tuple[int, ...] = (75,)
     full_jpeg_qualities: tuple[int, ...] = (90, 75, 50, 25)
+    # The unlearnable-example table (`--family unlearnable`). Its base set: `ue_base_per_class` images per
+    # class of the base set (None: all of it), since every image of a UE set is poisoned and purified and
+    # D-VAE fits on each whole set. Image Shortcut Squeezing's baselines: JPEG q10 and 2-bit depth.
+    ue_base_per_class: int | None = None
+    ue_jpeg_quality: int = 10
+    ue_bits: int = 2
+    dvae_recipe: str = "paper"  # D-VAE's fitting recipe (`puregen.training.dvae.DVAERecipe`)
 
 
 def small_settings() -> ScaleSettings:
@@ -97,6 +104,10 @@ def small_settings() -> ScaleSettings:
         # 10 of the 75 reverse steps (respacing): all 75 would take about 28 minutes per 10,000 images here.
         ddpm_reverse_steps=10,
         precision=resolve_precision("auto", torch.device("cpu")),  # bf16 only where the CPU has it natively
+        # 5,000 images: five UE sets, each purified whole by the EBM and the DDPM and fitted by D-VAE (its
+        # CPU recipe), fit the table's 2 hours on 2 cores (docs/results-small.md).
+        ue_base_per_class=500,
+        dvae_recipe="small",
     )
 
 
@@ -152,6 +163,19 @@ def scale_settings(name: str) -> ScaleSettings:
     if name == "paper":
         return paper_settings()
     raise InputError(f"unknown scale {name!r}; choose small or paper")
+
+
+def unlearnable_data(data: ScaleData, settings: ScaleSettings) -> ScaleData:
+    """The base set of the unlearnable-example table: `settings.ue_base_per_class` images per class of the
+    scale's base set (class-balanced, seed 0), or all of it where that is None or more than each class has."""
+    per_class = settings.ue_base_per_class
+    data = dataclasses.replace(data, notes=[])  # the scale's notes are about the poisoning table's attacks
+    if per_class is None or per_class >= np.bincount(data.base_labels).min():
+        return data
+    keep = balanced_subset(data.base_labels, per_class, seed=0, num_classes=data.num_classes)
+    return dataclasses.replace(data, base_images=data.base_images[keep], base_labels=data.base_labels[keep],
+                               description=data.description + f"; the unlearnable-example table uses "
+                               f"{len(keep):,} of the base images ({per_class} per class, class-balanced)")
 
 
 def smoke_data(data: ScaleData, per_class: int = 20, test_images: int = 500) -> ScaleData:
