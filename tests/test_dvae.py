@@ -261,3 +261,27 @@ def test_puregen_train_dvae_writes_a_run_that_dvae_accepts(data_path, tmp_path, 
     assert stage1.config == stage2.config and description["stages"]["stage2"]["tau"] == 3.0
     assert main([*args, "--steps", "3"]) == 2  # epochs, not steps, size a D-VAE fit
     assert "--steps does not apply to dvae training" in capsys.readouterr().err
+
+
+def test_bench_times_dvae_against_its_fp32_reference(tmp_path, capsys):
+    from puregen.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--method", "dvae", "--preset", "small", "--backend", "torch", "--precision", "bf16",
+               "--batch", "4", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "images/s" in text and "of the ceiling" in text and "fp32 eager reference" in text
+    summary = json.loads(out.read_text())
+    assert summary["method"] == "dvae" and summary["image_shape"] == [28, 28, 1]
+    assert set(summary["modes"]) == {"reference", "fast"} and summary["modes"]["fast"]["precision"] == "bf16"
+    for mode in summary["modes"].values():
+        assert mode["images_per_second"] > 0 and mode["achieved_flop_per_second"] > 0
+    assert summary["ceiling_flop_per_second"] > 0 and summary["ratio_to_reference"] > 0
+    # Refusals: options that do not apply, and a preset that has no D-VAE.
+    assert main(["bench", "--method", "dvae", "--micro-batch", "8"]) == 2
+    assert "--micro-batch does not apply" in capsys.readouterr().err
+    assert main(["bench", "--method", "dvae", "--preset", "shipped"]) == 2
+    assert "no D-VAE is shipped" in capsys.readouterr().err
+    assert main(["bench", "--method", "dvae", "--backend", "onnxruntime"]) == 2
+    assert "choose torch or compiled" in capsys.readouterr().err
