@@ -60,6 +60,30 @@ def test_resumed_run_equals_unbroken_run(kind, precision, data, tmp_path):
     assert load_model(tmp_path / "whole", expect="ebm" if kind == "ebm" else "unet")
 
 
+def test_each_piece_of_a_run_is_recorded_for_its_model_card(data, tmp_path):
+    import json
+
+    from puregen.training.state import STATE_JSON
+
+    recipe = dataclasses.replace(EBMRecipe.preset("tiny"), steps=6)
+    run = tmp_path / "run"
+    train_ebm(data, run, recipe, progress=False, checkpoint_every=2, max_steps_this_call=2)
+    train_ebm(data, run, recipe, progress=False, checkpoint_every=2, max_steps_this_call=2, resume=True)
+    segments = json.loads((run / STATE_JSON).read_text())["segments"]
+    assert [(s["start_step"], s["end_step"]) for s in segments] == [(0, 2), (2, 4)]
+    for s in segments:
+        assert s["seconds"] >= 0 and s["threads"] >= 1 and s["cpu"] and s["started"].endswith("Z")
+        assert "command" in s
+    # A run folder written before the pieces were recorded: its steps so far become one unrecorded piece.
+    meta = json.loads((run / STATE_JSON).read_text())
+    del meta["segments"]
+    (run / STATE_JSON).write_text(json.dumps(meta))
+    train_ebm(data, run, recipe, progress=False, checkpoint_every=2, resume=True)
+    segments = json.loads((run / STATE_JSON).read_text())["segments"]
+    assert segments[0] == {"start_step": 0, "end_step": 4, "recorded": False}
+    assert (segments[1]["start_step"], segments[1]["end_step"]) == (4, 6)
+
+
 def test_resume_with_another_recipe_or_data_is_refused(data, tmp_path):
     recipe = dataclasses.replace(DDPMRecipe.preset("tiny"), steps=2)
     train_ddpm(data, tmp_path / "run", recipe, progress=False)

@@ -187,13 +187,46 @@ def stop_step(start: int, total: int, max_steps_this_call: int | None) -> int:
     return total if max_steps_this_call is None else min(total, start + max_steps_this_call)
 
 
+# The invocations ("segments") of each open run: a run trained in pieces (stopped, resumed, on other
+# machines) records each piece's steps, wall time, threads, CPU and command, for its model card. `open_run`
+# starts the current piece and `save_run` writes the list with the piece brought up to date; keyed by the
+# run folder so the four training loops need not carry it between the two calls.
+_SEGMENTS: dict[Path, tuple[list[dict], float]] = {}
+
+
+def _start_segment(run_dir: Path, info: dict | None) -> None:
+    from datetime import datetime, timezone
+
+    from ..engine.provenance import cpu_features
+
+    earlier = list(info.get("segments", [])) if info else []
+    if info and not earlier and info.get("step", 0) > 0:  # a run from before segments were recorded
+        earlier = [{"start_step": 0, "end_step": info["step"], "recorded": False}]
+    start = info["step"] if info else 0
+    current = {"start_step": start, "end_step": start, "seconds": 0.0,
+               "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "threads": torch.get_num_threads(), "cpu": cpu_features()["model"],
+               "command": " ".join(sys.argv)[:500]}
+    _SEGMENTS[Path(run_dir).resolve()] = (earlier + [current], time.perf_counter())
+
+
+def run_segments(run_dir: Path, step: int) -> list[dict]:
+    """The run's segments with the current one ended at `step` (now); [] for a run not opened here."""
+    entry = _SEGMENTS.get(Path(run_dir).resolve())
+    if entry is None:
+        return []
+    segments, t0 = entry
+    segments[-1].update(end_step=step, seconds=round(time.perf_counter() - t0, 1))
+    return [dict(s) for s in segments]
+
+
 def save_run(run_dir: Path, kind: str, recipe: dict, data: TrainingData, history: list, *, step: int,
              **state) -> None:
     """A resumable checkpoint with the run's description; `state` goes to `save_training_state`."""
     from .state import save_training_state
 
     info = {"kind": kind, "recipe": recipe, "data_fingerprint": data.fingerprint, "data_source": data.source,
-            "history": history}
+            "history": history, "segments": run_segments(run_dir, step)}
     save_training_state(run_dir, step=step, info=info, **state)
 
 
@@ -233,7 +266,9 @@ def open_run(run_dir: Path, *, resume: bool, model: nn.Module, optimizer, recipe
     if resume:
         info, extra = load_training_state(run_dir, model=model, optimizer=optimizer)
         check_resume(run_dir, info, recipe, data)
+        _start_segment(run_dir, info)
         return info["step"], info.get("history", []), extra
+    _start_segment(run_dir, None)
     return 0, [], {}
 
 
