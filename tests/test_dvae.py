@@ -195,6 +195,20 @@ def test_application_is_byte_identical_across_batch_sizes(fitted, data_path):
     assert np.abs(bf16.astype(int) - outs[0].astype(int)).mean() < 8  # the same purification, at bf16
 
 
+def test_the_compiled_backend_matches_the_eager_oracle(fitted):
+    images = smooth_images(9, SIDE, SIDE, seed=4)
+    labels = np.arange(9) % CLASSES
+    eager = load_purifier("dvae", dvae=str(fitted), threads=1).purify(images, labels=labels, seed=3)
+    compiled = load_purifier("dvae", dvae=str(fitted), threads=1, backend="compiled")
+    out = compiled.purify(images, labels=labels, seed=3, batch_size=4)
+    diff = np.abs(out.astype(int) - eager.astype(int))
+    # fp32 both ways: a compiled graph may fuse and reorder float ops, which can flip a rounding to uint8.
+    assert diff.max() <= 1 and diff.mean() < 0.02
+    assert np.array_equal(out, compiled.purify(images, labels=labels, seed=3, batch_size=9))  # batch-invariant
+    with pytest.raises(InputError, match="choose --backend torch or compiled"):
+        load_purifier("dvae", dvae=str(fitted), backend="onnxruntime")
+
+
 def test_a_jobs_fit_equals_puregen_train_dvae(data_path, tmp_path):
     """`puregen train dvae --seed S` fits what a job with --seed S fits: --dvae RUN gives the job's bytes."""
     kw = dict(method="dvae", progress=False, threads=1, seed=7)

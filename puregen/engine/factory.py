@@ -15,6 +15,9 @@ from ..models.checkpoints import LoadedModel, load_model
 from ..models.defaults import default_checkpoint
 from .purifiers import Purifier
 
+# A method's own networks (D-VAE's, fitted on the data) are plain modules: eager, or under torch.compile.
+OWN_NETWORK_BACKENDS = ("torch", "compiled")
+
 CHECKPOINT_HELP = (
     "No default model is shipped for it. Pass a local checkpoint folder: --ebm DIR for the EBM (our layout, "
     "or the published PureGen EBM in the Hugging Face hub layout: config.json + model.safetensors, downloaded "
@@ -96,7 +99,10 @@ def load_purifier(
     if not algorithm.networks:
         provenance = {"threads": pinned, "checkpoints": {}}
         if algorithm.own_networks:  # e.g. D-VAE's fitted networks: run in this precision, part of the fingerprint
-            provenance["precision"] = precision
+            if backend not in OWN_NETWORK_BACKENDS:
+                raise InputError(f"method {method!r} runs networks of its own, which no exported backend holds; "
+                                 f"choose --backend {' or '.join(OWN_NETWORK_BACKENDS)}, not {backend}")
+            provenance["precision"], provenance["backend"] = precision, backend
         return Purifier(algorithm, None, device=dev, provenance=provenance)
     models, fingerprints, sources, defaults = {}, {}, {}, []
     for kind in algorithm.networks:

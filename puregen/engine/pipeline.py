@@ -69,8 +69,9 @@ def config_fingerprint(purifier: Purifier, seed: int, chunk_size: int) -> tuple[
         # (another norm_eps, attention head size, ...) give other bytes.
         "networks": network_configs(purifier),
     }
-    if purifier.algorithm.own_networks:  # its own networks run in the purifier's precision
+    if purifier.algorithm.own_networks:  # its own networks run in the purifier's precision and backend
         config["precision"] = purifier.provenance.get("precision", "fp32")
+        config["own_networks_backend"] = purifier.provenance.get("backend", "torch")
     if purifier.algorithm.scope != "batch" and purifier.dataset_state is not None:
         # A dataset state given before the job (not one the job computes from its input) decides the bytes.
         config["given_dataset_state"] = state_digest(purifier.dataset_state)

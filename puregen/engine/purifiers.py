@@ -155,7 +155,8 @@ class Purifier:
 
     def _context(self, key: NoiseKey, on_step=None, **extra) -> BatchContext:
         return BatchContext(self.evaluator, key, on_step, state=self.dataset_state, models=self.models,
-                            precision=self.provenance.get("precision", "fp32"), **extra)
+                            precision=self.provenance.get("precision", "fp32"),
+                            backend=self.provenance.get("backend", "torch"), **extra)
 
     def _checked_labels(self, labels, n: int):
         """The rows' labels as int64 on the device; an InputError for a method that needs them and has none."""

@@ -59,6 +59,7 @@ class BatchContext:
     models: Mapping[str, torch.nn.Module] = field(default_factory=dict)  # the loaded networks by kind
     labels: torch.Tensor | None = None  # int64 class of each row, for a method that `needs_labels`
     precision: str = "fp32"  # how a method with `own_networks` runs them (fp32, bf16, fp16 autocast)
+    backend: str = "torch"  # and whether eager (torch) or under torch.compile (compiled)
     work_dir: Path | None = None  # `fit`: a folder of the job's resumable state for the fit's own checkpoints
     progress: bool = False  # `fit`: whether a long fit may show a progress bar
 

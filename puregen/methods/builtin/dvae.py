@@ -86,6 +86,7 @@ class _Fitted:
 
     anchor: torch.Tensor
     device: torch.device
+    compiled: bool
     models: tuple[DVAE, DVAE]
 
 
@@ -141,12 +142,14 @@ class DVAEPurification(Method):
         with tempfile.TemporaryDirectory(prefix="puregen-dvae-") as tmp:  # the API's fit: nothing to resume
             return run(Path(tmp) / "run")
 
-    def _models(self, state: DatasetState, device: torch.device) -> tuple[DVAE, DVAE]:
+    def _models(self, state: DatasetState, device: torch.device, compiled: bool) -> tuple[DVAE, DVAE]:
         anchor = state["stage1.stem.0.weight"]
         cached = self._fitted
-        if cached is None or cached.anchor is not anchor or cached.device != device:
-            stage1, stage2 = models_from_state(state)
-            cached = self._fitted = _Fitted(anchor, device, (stage1.to(device), stage2.to(device)))
+        if cached is None or cached.anchor is not anchor or cached.device != device or cached.compiled != compiled:
+            stages = [m.to(device) for m in models_from_state(state)]
+            if compiled:  # 1.1-1.3x over eager at bf16 on CPU (docs/dvae.md); one micro-batch shape, one compile
+                stages = [torch.compile(m) for m in stages]
+            cached = self._fitted = _Fitted(anchor, device, compiled, (stages[0], stages[1]))
         return cached.models
 
     def check_input(self, state: DatasetState, height: int, width: int, channels: int, labels) -> None:
@@ -162,7 +165,7 @@ class DVAEPurification(Method):
                              f"({config.num_classes} classes), got {int(labels.min())}..{int(labels.max())}")
 
     def purify(self, x, ctx: BatchContext) -> MethodOutput:
-        stage1, stage2 = self._models(ctx.state, x.device)
+        stage1, stage2 = self._models(ctx.state, x.device, ctx.backend == "compiled")
         labels = ctx.labels
         self.check_input(ctx.state, *x.shape[2:], x.shape[1], None if labels is None else labels.cpu().numpy())
         out01 = purify_two_stage(stage1, stage2, (x + 1) / 2, labels.to(x.device), ctx.key, ctx.precision)
