@@ -99,17 +99,19 @@ def _cell(attack, defense, accuracy):
 
 def test_the_accuracy_table_and_the_share_won_back():
     cells = [_cell("lsp", "none", 40.0), _cell("lsp", "dvae", 80.0), _cell("lsp", "jpeg-10", 30.0),
-             _cell("ops", "none", 20.0), _cell("ops", "dvae", 90.0), _cell("ops", "jpeg-10", 55.0)]
-    chance = {"lsp": 10.0, "ops": 10.0}  # the clean victims' error: 90% clean accuracy
-    labels = {"lsp": "LSP", "ops": "OPS"}
+             _cell("ops", "none", 20.0), _cell("ops", "dvae", 90.0), _cell("ops", "jpeg-10", 55.0),
+             _cell("ar", "none", 89.5), _cell("ar", "dvae", 85.0), _cell("ar", "jpeg-10", 89.0)]
+    chance = {"lsp": 10.0, "ops": 10.0, "ar": 10.0}  # the clean victims' error: 90% clean accuracy
+    labels = {"lsp": "LSP", "ops": "OPS", "ar": "AR"}
     table = markdown_table(cells, labels, {"dvae": "D-VAE"}, chance)
-    assert "| D-VAE | 80.0 ± 0.5 | 90.0 ± 0.5 |" in table
-    assert "| *clean training set* | 90.0 | 90.0 |" in table and "chance" not in table
+    assert "| D-VAE | 80.0 ± 0.5 | 90.0 ± 0.5 | 85.0 ± 0.5 |" in table
+    assert "| *clean training set* | 90.0 | 90.0 | 90.0 |" in table and "chance" not in table
     shares = recovery_table(cells, labels, {"dvae": "D-VAE", "jpeg-10": "JPEG q10"}, chance)
     # LSP took 50 points (90 -> 40): D-VAE wins back 40 of them (80%), JPEG loses 10 more (-20%).
     # OPS took 70 points: D-VAE wins back all 70 (100%), JPEG 35 (50%).
-    assert "| *accuracy taken (points)* | 50.0 | 70.0 |" in shares
-    assert "| D-VAE | 80 | 100 |" in shares and "| JPEG q10 | -20 | 50 |" in shares
+    # AR took half a point: it did not work, and no share of it is given.
+    assert "| *accuracy taken (points)* | 50.0 | 70.0 | 0.5 |" in shares
+    assert "| D-VAE | 80 | 100 | - |" in shares and "| JPEG q10 | -20 | 50 | - |" in shares
 
 
 def test_unlearnable_smoke_run_on_fashion_mnist_and_its_resume(tmp_path):

@@ -373,7 +373,7 @@ def report_markdown(result: dict) -> str:
             f"{s['seeds']} classifier seeds; the last row is the victim trained on the clean set.", "",
             result["table_markdown"],
             "Share of the accuracy each attack took that each defense wins back, % (100: all of it; "
-            "negative: the defense costs accuracy):", "",
+            "negative: the defense costs accuracy; - where the attack took under 1 point):", "",
             result["recovery_markdown"],
         ]
     else:

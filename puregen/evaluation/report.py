@@ -163,10 +163,14 @@ def markdown_table(cells: list[Cell], attack_labels: dict[str, str], defense_lab
     return _markdown(["defense"] + [attack_labels.get(a, a) for a in attacks], body)
 
 
+MIN_TAKEN_POINTS = 1.0  # below this an attack did not work, and a share of what it took means nothing
+
+
 def recovery_table(cells: list[Cell], attack_labels: dict[str, str], defense_labels: dict[str, str],
                    chance: dict[str, float]) -> str:
     """Unlearnable examples: the share of the accuracy each attack took (clean victim minus undefended
-    victim) that each defense wins back, in percent; a row per defense other than none."""
+    victim) that each defense wins back, in percent; a row per defense other than none, "-" where the
+    attack took less than `MIN_TAKEN_POINTS`."""
     attacks = [a for a in dict.fromkeys(c.attack for c in cells if c.availability) if a in chance]
     by = {(c.attack, c.defense): c for c in cells}
     defenses = [d for d in dict.fromkeys(c.defense for c in cells) if d != "none"]
@@ -175,7 +179,7 @@ def recovery_table(cells: list[Cell], attack_labels: dict[str, str], defense_lab
         row = [defense_labels.get(d, d)]
         for a in attacks:
             taken = (100 - chance[a]) - by[(a, "none")].natural_mean if (a, "none") in by else math.nan
-            if (a, d) not in by or not taken > 0:
+            if (a, d) not in by or not taken >= MIN_TAKEN_POINTS:
                 row.append("-")
             else:
                 row.append(f"{100 * (by[(a, d)].natural_mean - by[(a, 'none')].natural_mean) / taken:.0f}")
