@@ -324,3 +324,15 @@ def test_missing_matplotlib_is_reported_before_any_work(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(InputError, match=r"puregen\[eval\]"):
         require_matplotlib()
+
+
+def test_gradient_matching_augments_as_the_victim_trains():
+    from pathlib import Path
+
+    from puregen.evaluation.attack_suite import ATTACKS, AttackContext, _recipes
+    from puregen.evaluation.scales import paper_settings, small_settings
+
+    spec = ATTACKS["gradient-matching"]
+    for settings, augments in ((small_settings(), False), (paper_settings(), True)):  # no crops/flips; both
+        ctx = AttackContext(None, settings, Path("unused"))
+        assert _recipes(ctx, spec)["gm"].augment is augments

@@ -140,7 +140,11 @@ def _recipes(ctx: AttackContext, spec: AttackSpec) -> dict:
             r = dataclasses.replace(r, surrogate_epochs=1, trigger_steps=3)
         return {"narcissus": r}
     if spec.family == "gradient-matching":
-        r = GradientMatchingRecipe(epsilon=spec.epsilon)
+        # The differentiable augmentation mirrors the victim's training: the published attack crafts through
+        # crops and flips because its victims train with them. The small scale's victim trains without, and
+        # poisons made robust to flips it never sees match its gradient less closely.
+        c = ctx.settings.classifier
+        r = GradientMatchingRecipe(epsilon=spec.epsilon, augment=bool(c.crop_padding or c.flip))
         return {"gm": dataclasses.replace(r, steps=2) if ctx.smoke else r}
     if spec.family == "bullseye":
         r = BullseyeRecipe(epsilon=spec.epsilon)
