@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import check_backend
-from ..engine.factory import pin_threads, resolve_device
+from ..engine.factory import OWN_NETWORK_BACKENDS, pin_threads, resolve_device
 from ..engine.noise_key import NoiseKey
 from ..engine.provenance import run_provenance
 from ..errors import InputError
@@ -59,9 +59,9 @@ def run_dvae_bench(*, preset: str = "paper", checkpoint: str | None = None, back
                    repeats: int = 3, log=print) -> dict:
     if min(batch, repeats) < 1:
         raise InputError("--batch and --repeats must be >= 1")
-    if backend not in ("torch", "compiled"):
+    if backend not in OWN_NETWORK_BACKENDS:
         raise InputError(f"bench --method dvae --backend {backend}: D-VAE runs its own modules eager or under "
-                         "torch.compile; choose torch or compiled")
+                         f"torch.compile; choose {' or '.join(OWN_NETWORK_BACKENDS)}")
     dev = resolve_device(device)
     threads = pin_threads(threads)
     fast_precision = check_backend("torch", precision, dev)
