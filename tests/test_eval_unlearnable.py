@@ -145,3 +145,18 @@ def test_unlearnable_smoke_run_on_fashion_mnist_and_its_resume(tmp_path):
     assert json.loads((out / "results.json").read_text())["classifiers_trained"] == 0
     assert (out / "results.csv").read_bytes() == before
     assert {p.name: p.stat().st_mtime_ns for p in dvae.glob("set-*.npz")} == sets  # nothing fitted again
+
+
+def test_paper_scale_unlearnable_wiring_on_cifar_format_files(tmp_path):
+    """The GPU recipe's wiring (CIFAR-10 files, all training images, D-VAE's paper recipe shrunk by --smoke)."""
+    from .test_eval_harness import _synthetic_cifar
+
+    data = _synthetic_cifar(tmp_path / "cifar", n_train=100, n_test=40)
+    out = tmp_path / "ue"
+    r = cli("eval", "--scale", "paper", "--family", "unlearnable", "--attacks", "lsp", "--defenses", "grayscale,dvae",
+            "--smoke", "--data", data, "-o", out, "--no-progress", "--threads", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| Grayscale |" in r.stdout and "| D-VAE |" in r.stdout and "No --pood" not in r.stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["setup"]["scale"] == "paper" and result["setup"]["base_images"] == 100
+    assert result["setup"]["settings"]["dvae_recipe"] == "paper" and result["setup"]["settings"]["ue_base_per_class"] is None
