@@ -239,15 +239,15 @@ def run_eval(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     chance = _clean_reference(victim, data, settings, attacks, poisons, cfg.out / CHANCE_FILE)
     timings["clean reference"] = round(time.perf_counter() - t0, 1)
+    # The defended base set is needed only where a poison set leaves rows of it in place (an unlearnable
+    # set replaces every row).
+    keeps_base_rows = any(len(np.unique(ps.indices)) < len(data.base_images) for a in attacks for ps in poisons[a])
     for name in defenses:
         spec = defense_spec(name)
         t0 = time.perf_counter()
         defense = PreparedDefense(spec, dctx)
-        # The defended base set only where a poison set leaves rows of it in place: an unlearnable set
-        # replaces every row (and a fit defense transforms each poisoned set whole).
-        needs_base = not defense.whole_set and any(
-            len(np.unique(ps.indices)) < len(data.base_images) for a in attacks for ps in poisons[a])
-        base = defense.base() if needs_base else data.base_images
+        # A fit defense transforms each poisoned set whole, so it has no defended base set.
+        base = defense.base() if keeps_base_rows and not defense.whole_set else data.base_images
         timings[f"defend base {name}"] = round(time.perf_counter() - t0, 1)
         for attack in attacks:
             aspec = ATTACKS[attack]
