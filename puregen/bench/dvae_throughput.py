@@ -9,8 +9,7 @@ noise key and threads:
 * `fast`: the precision asked for (bf16 autocast where the CPU has it), eager:
   what `puregen purify --method dvae --precision P` runs;
 * `compiled`: the same modules under `torch.compile` at that precision, with
-  `--backend compiled`, to show whether compiling would pay (the method
-  itself runs eager).
+  `--backend compiled`: what `purify --method dvae --backend compiled` runs.
 
 A timed run is one whole purification of the batch (stage 1, stage 2 and
 stage 2's reconstruction: three encoder-decoder passes per image), median of
@@ -32,12 +31,18 @@ from ..models.dvae import DVAE, DVAEConfig
 from ..models.dvae_purify import MICRO_BATCH, purify_two_stage
 from .measure import benchmark_images, conv_ceiling, counted_flops, median_seconds
 
-PRESETS = {
-    # The published network at CIFAR-10's shape, and the CPU recipe's (`DVAERecipe.preset("small")`) at
-    # Fashion-MNIST's. Random weights: the cost does not depend on them.
-    "paper": DVAEConfig(),
-    "small": DVAEConfig(in_channels=1, image_height=28, image_width=28, width=16, latent_channels=64),
-}
+def _preset_config(name: str) -> DVAEConfig:
+    """The network of a fitting recipe at its scale's image shape: `paper` at CIFAR-10's, `small` (the CPU
+    recipe) at Fashion-MNIST's. Random weights: the cost does not depend on them."""
+    from ..training.dvae import DVAERecipe
+
+    recipe = DVAERecipe.preset(name)
+    shape = dict(in_channels=3, image_height=32, image_width=32) if name == "paper" else \
+        dict(in_channels=1, image_height=28, image_width=28)
+    return DVAEConfig(**shape, width=recipe.width, latent_channels=recipe.latent_channels)
+
+
+PRESETS = ("paper", "small")
 
 
 def dvae_stages(preset: str, checkpoint: str | None) -> tuple[DVAE, DVAE, str]:
@@ -51,7 +56,8 @@ def dvae_stages(preset: str, checkpoint: str | None) -> tuple[DVAE, DVAE, str]:
         raise InputError(f"bench --method dvae --preset {preset}: no D-VAE is shipped (it is fitted on the data it "
                          f"purifies); choose --preset {' or '.join(PRESETS)} or --checkpoint RUN")
     torch.manual_seed(0)
-    return DVAE(PRESETS[preset]).eval(), DVAE(PRESETS[preset]).eval(), preset
+    config = _preset_config(preset)
+    return DVAE(config).eval(), DVAE(config).eval(), preset
 
 
 def run_dvae_bench(*, preset: str = "paper", checkpoint: str | None = None, backend: str = "compiled",
@@ -68,10 +74,10 @@ def run_dvae_bench(*, preset: str = "paper", checkpoint: str | None = None, back
     stage1, stage2, source = dvae_stages(preset, checkpoint)
     cfg = stage1.config
     stage1, stage2 = stage1.to(dev), stage2.to(dev)
-    images = benchmark_images(batch, seed=0, size=cfg.image_height, channels=cfg.in_channels)
     if cfg.image_width != cfg.image_height:
         raise InputError(f"bench --method dvae times square images; this D-VAE takes "
                          f"{cfg.image_height}x{cfg.image_width}")
+    images = benchmark_images(batch, seed=0, size=cfg.image_height, channels=cfg.in_channels)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(dev)
     labels = (torch.arange(batch) % cfg.num_classes).to(dev)
     key = NoiseKey.rows(0, 0, batch)

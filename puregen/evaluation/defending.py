@@ -206,10 +206,9 @@ class PreparedDefense:
         return purify_rows(self.purifier, images, indices, **run)
 
     def _cached(self, path: Path, images: np.ndarray, indices: np.ndarray, desc: str) -> np.ndarray:
-        if path.is_file():
-            cached = read_dataset(path).images
-            if cached.shape == images.shape:
-                return cached
+        cached = _read_cache(path, images.shape)
+        if cached is not None:
+            return cached
         out = self._transform(images, indices, desc, path)
         if self.spec.kind != "none":
             write_npz_atomic(path, x=out)
@@ -245,10 +244,9 @@ class PreparedDefense:
         images, labels = ps.poisoned_training_set(d.base_images, d.base_labels)
         digest = hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes()).hexdigest()[:16]
         cache = self.folder / f"set-{digest}.npz"
-        if cache.is_file():
-            cached = read_dataset(cache).images
-            if cached.shape == images.shape:
-                return cached, labels
+        cached = _read_cache(cache, images.shape)
+        if cached is not None:
+            return cached, labels
         self.purifier.check_image_shape(*images.shape[1:], source=f"{name} (poisoned training set)")
         key = NoiseKey.rows(self.ctx.seed, 0, len(images))
         # The fit checkpoints into its own folder, so a run stopped mid-fit resumes it.
@@ -270,6 +268,14 @@ class PreparedDefense:
         labels = torch.from_numpy(np.asarray(d.base_labels, np.int64))
         self.purifier.dataset_state = self.purifier.prepare_dataset(
             base, labels, NoiseKey.rows(self.ctx.seed, 0, len(base)), batch_size=256)
+
+
+def _read_cache(path: Path, shape: tuple) -> np.ndarray | None:
+    """Defended images cached at `path`, or None where there are none of that shape (then they are made)."""
+    if not path.is_file():
+        return None
+    cached = read_dataset(path).images
+    return cached if cached.shape == shape else None
 
 
 def stage_settings(method, settings: ScaleSettings, smoke: bool) -> dict:
