@@ -83,6 +83,19 @@ def test_the_family_picks_its_attacks_and_defenses_and_refuses_mixing():
             defense_spec(bad)
 
 
+def test_the_unlearnable_table_trains_its_own_victim_and_epochs_apply_to_it():
+    from puregen.evaluation.eval_run import EvalConfig, _settings
+    from puregen.evaluation.scales import small_settings
+
+    ue = small_settings().ue_classifier
+    assert ue.arch == "small-cnn" and ue.batch_size == 32  # a globally pooled victim, as the papers' ResNet-18
+    assert _settings(EvalConfig(family="unlearnable")).classifier == ue
+    assert _settings(EvalConfig()).classifier.arch == "fast-cnn"  # the poisoning table keeps its victim
+    assert _settings(EvalConfig(family="unlearnable", epochs=3)).classifier.epochs == 3
+    assert _settings(EvalConfig(family="unlearnable", smoke=True)).classifier.arch == "small-cnn"
+    assert _settings(EvalConfig(scale="paper", family="unlearnable")).classifier.arch == "resnet18"
+
+
 def test_the_spec_key_of_the_older_defenses_is_unchanged():
     # Run folders written before bit depth existed keep their caches: their spec key has no `bits`.
     from puregen.evaluation.defending import defense_spec

@@ -95,6 +95,8 @@ class EvalConfig:
 
 def _settings(cfg: EvalConfig) -> ScaleSettings:
     s = scale_settings(cfg.scale)
+    if cfg.family == "unlearnable" and s.ue_classifier is not None:
+        s = dataclasses.replace(s, classifier=s.ue_classifier)  # the UE table's own victim
     if cfg.smoke:
         s = smoke_settings(s)
     if cfg.seeds is not None:
