@@ -194,7 +194,7 @@ def test_spawned_workers_build_the_purifier_from_a_factory(tmp_path, tiny_checkp
 # Short settings for each built-in method (an option a method does not read is an error).
 SHORT = {"ebm": dict(steps=2), "ddpm": dict(t_star=2), "naive": dict(steps=2, t_star=2),
          "reps": dict(steps=1, t_star=2, reps=1), "filt": dict(t_star=2), "jpeg": {}, "bitdepth": {}, "grayscale": {},
-         "diffpure": dict(t_star=2)}
+         "diffpure": dict(t_star=2), "guided": dict(t_star=2)}
 
 
 def test_the_short_settings_cover_every_registered_method():

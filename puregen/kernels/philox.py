@@ -54,6 +54,7 @@ STREAM_DDPM_REVERSE = 3
 STREAM_DVAE = 4  # D-VAE's latent samples (steps 0, 1, 2: the three encoder passes); 4 mod 16 is no reps stage's
 STREAM_DIFFPURE_FORWARD = 5  # DiffPure's diffusion to t* (step 0)
 STREAM_DIFFPURE_SDE = 6  # DiffPure's reverse-SDE increments (step i: solver step i)
+STREAM_GUIDED_TARGET = 7  # guided: the input diffused to step t as the guidance's target (step t)
 REPEAT_STRIDE = 16
 MAX_STREAM = 0xFFFF
 MAX_SAMPLE_INDEX = (1 << 48) - 1
