@@ -255,15 +255,16 @@ class Purifier:
         audit.update(_change_audit(images_u8, out))
         return PurifyResult(out, audit, x if keep_state else None)
 
-    def purify_differentiable(self, x: torch.Tensor, key: NoiseKey) -> torch.Tensor:
+    def purify_differentiable(self, x: torch.Tensor, key: NoiseKey, *, checkpoint: bool = False) -> torch.Tensor:
         """The method as a float function of model-space images (N, C, H, W in [-1, 1]) that gradients flow
         through, for methods that declare `differentiable`. Pass a new key (seed) per call for a fresh sample
-        of the purification's noise, as an attack's expectation over transformations does."""
+        of the purification's noise, as an attack's expectation over transformations does. `checkpoint`:
+        recompute the networks' activations in the backward pass (memory for long reverse processes)."""
         if not self.algorithm.differentiable:
             raise InputError(f"method {self.method!r} has no differentiable path")
         if not isinstance(key, NoiseKey) or len(key) != x.shape[0]:
             raise TypeError("purify_differentiable takes a NoiseKey with one index per image")
-        return self.algorithm.purify_differentiable(x, self._context(key.to(x.device)))
+        return self.algorithm.purify_differentiable(x, self._context(key.to(x.device), checkpoint=checkpoint))
 
     # -- Python API ----------------------------------------------------------------------------
 

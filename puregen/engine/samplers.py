@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 from ..backends.base import NetworkBackend, reflect_pad_to
 from ..kernels import philox
@@ -133,13 +134,21 @@ class DifferentiableEpsilon:
 
     For `diffuse_denoise(..., kernels=reference)` as a function of its input that gradients flow
     through (test-time attacks differentiate through the purification). Sides the UNet cannot take
-    are reflect-padded, as the backends do.
+    are reflect-padded, as the backends do. `checkpoint`: each evaluation's activations are recomputed in
+    the backward pass rather than kept (torch.utils.checkpoint), so a gradient through K steps keeps K
+    inputs instead of K UNets' activations, at the cost of one more forward per step.
     """
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, checkpoint: bool = False):
         self.unet = unet
+        self.checkpoint = checkpoint
 
     def epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._epsilon, x, t, use_reentrant=False)
+        return self._epsilon(x, t)
+
+    def _epsilon(self, x: torch.Tensor, t: int) -> torch.Tensor:
         h, w = x.shape[-2:]
         padded = reflect_pad_to(x, self.unet.pad_multiple)
         timesteps = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)

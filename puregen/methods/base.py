@@ -60,6 +60,9 @@ class BatchContext:
     labels: torch.Tensor | None = None  # int64 class of each row, for a method that `needs_labels`
     precision: str = "fp32"  # how a method with `own_networks` runs them (fp32, bf16, fp16 autocast)
     backend: str = "torch"  # and whether eager (torch) or under torch.compile (compiled)
+    # `purify_differentiable`: recompute each network evaluation in the backward pass instead of keeping its
+    # activations (gradient checkpointing), so memory no longer grows with the steps' activations.
+    checkpoint: bool = False
     work_dir: Path | None = None  # `fit`: a folder of the job's resumable state for the fit's own checkpoints
     progress: bool = False  # `fit`: whether a long fit may show a progress bar
 

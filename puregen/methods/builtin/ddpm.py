@@ -37,5 +37,5 @@ class DDPMDiffuseDenoise(Method):
     def purify_differentiable(self, x, ctx: BatchContext):
         """The same dynamics on the torch reference steps and the fp32 UNet, with autograd: for an attack that
         differentiates through the purification (a fresh noise key per call gives a fresh sample of it)."""
-        unet = DifferentiableEpsilon(ctx.networks.unet)
+        unet = DifferentiableEpsilon(ctx.networks.unet, checkpoint=ctx.checkpoint)
         return diffuse_denoise(x, unet, self.config.diffusion(), key=ctx.key, kernels=reference)

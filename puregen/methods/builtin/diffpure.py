@@ -55,4 +55,4 @@ class DiffPure(Method):
 
     def purify_differentiable(self, x, ctx: BatchContext):
         """The same dynamics on the fp32 eager UNet with autograd (a fresh noise key per call, a fresh draw)."""
-        return diffpure(x, DifferentiableEpsilon(ctx.networks.unet), self.config.vpsde(), key=ctx.key)
+        return diffpure(x, DifferentiableEpsilon(ctx.networks.unet, checkpoint=ctx.checkpoint), self.config.vpsde(), key=ctx.key)

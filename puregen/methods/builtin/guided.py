@@ -55,5 +55,5 @@ class GuidedDiffusion(Method):
     def purify_differentiable(self, x, ctx: BatchContext):
         """The same dynamics on the torch reference steps and the fp32 UNet with autograd. The guidance's own
         gradient is differentiated through (SSIM: a double backward), so an attack sees the whole map."""
-        return guided_diffuse_denoise(x, DifferentiableEpsilon(ctx.networks.unet), self.config.diffusion(),
+        return guided_diffuse_denoise(x, DifferentiableEpsilon(ctx.networks.unet, checkpoint=ctx.checkpoint), self.config.diffusion(),
                                       self.config.guidance(), key=ctx.key, kernels=reference, differentiable=True)
