@@ -38,6 +38,11 @@ def add_parser(sub) -> None:
                    help="bf16: autocast the network to bfloat16 (weights, optimizer and image state stay fp32); "
                    "auto: bf16 where the CPU computes it natively, else fp32. Fixed when the run starts and kept "
                    "on --resume (default: the preset's; auto for the small EBM, else fp32)")
+    p.add_argument("--adversarial", type=float, nargs="?", const=8 / 255, metavar="EPS",
+                   help="classifier: PGD adversarial training (Madry et al.) within an L-inf budget EPS in [0, 1] "
+                        "pixel units (default 8/255; 0.1 is the usual MNIST-family budget)")
+    p.add_argument("--adversarial-steps", type=int, help="classifier: PGD steps per batch of --adversarial "
+                                                         "(default 10)")
     p.add_argument("--limit", type=int, help="use the first N training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: all available)")
@@ -52,7 +57,8 @@ def add_parser(sub) -> None:
 
 # The recipe options that only some kinds of training have.
 TRAIN_OPTIONS = {"ebm": {"steps", "langevin_steps", "lr_decay_at", "ema_decay", "precision"}, "ddpm": {"steps", "precision"},
-                 "classifier": {"epochs", "precision"}, "dvae": {"epochs", "precision"}}
+                 "classifier": {"epochs", "precision", "adversarial_epsilon", "adversarial_steps"},
+                 "dvae": {"epochs", "precision"}}
 
 
 def _decay_steps(text: str | None) -> tuple[int, ...] | None:
@@ -83,12 +89,14 @@ def _cmd_train(args) -> int:
     changes = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
     specific = {"steps": args.steps, "langevin_steps": args.langevin_steps,
                 "lr_decay_at": _decay_steps(args.lr_decay_at), "ema_decay": args.ema_decay,
-                "epochs": args.epochs, "precision": args.precision}
+                "epochs": args.epochs, "precision": args.precision, "adversarial_epsilon": args.adversarial,
+                "adversarial_steps": args.adversarial_steps}
     for name, value in specific.items():
         if value is None:
             continue
         if name not in TRAIN_OPTIONS[args.kind]:
-            raise InputError(f"--{name.replace('_', '-')} does not apply to {args.kind} training")
+            flag = {"adversarial_epsilon": "adversarial"}.get(name, name).replace("_", "-")
+            raise InputError(f"--{flag} does not apply to {args.kind} training")
         changes[name] = value
     if args.kind == "ebm":
         from ..training.ebm import EBMRecipe, train_ebm

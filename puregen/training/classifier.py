@@ -51,6 +51,13 @@ class ClassifierRecipe:
     # +input_noise or -input_noise (pixel units, so 8/255 is 8 levels) with equal odds, the kind FrieNDs
     # (Liu et al., NeurIPS 2022) trains with. 0 = off.
     input_noise: float = 0.0
+    # PGD adversarial training (Madry et al., ICLR 2018): every batch is replaced by its L-inf PGD adversarial
+    # examples under the current model, from a uniform random start, with `adversarial_steps` signed-gradient
+    # steps of `adversarial_step_size` (default 2.5 eps / steps, Madry's rule). Budget in pixel units; 0 = off.
+    # The auxiliary network of adversarially guided purification is trained this way.
+    adversarial_epsilon: float = 0.0
+    adversarial_steps: int = 10
+    adversarial_step_size: float | None = None
 
     @classmethod
     def preset(cls, name: str) -> ClassifierRecipe:
@@ -66,7 +73,20 @@ class ClassifierRecipe:
         d = dataclasses.asdict(self)
         if not d["input_noise"]:  # absent when off: run folders written before the field still resume
             del d["input_noise"]
+        if not d["adversarial_epsilon"]:  # likewise
+            for k in ("adversarial_epsilon", "adversarial_steps", "adversarial_step_size"):
+                del d[k]
         return d
+
+    def check(self) -> None:
+        if not (math.isfinite(self.adversarial_epsilon) and 0 <= self.adversarial_epsilon <= 1):
+            raise InputError(f"--adversarial must be an L-inf budget in [0, 1] pixel units, got "
+                             f"{self.adversarial_epsilon}")
+        if self.adversarial_epsilon and self.adversarial_steps < 1:
+            raise InputError(f"--adversarial-steps must be at least 1, got {self.adversarial_steps}")
+        if self.adversarial_step_size is not None and not 0 < self.adversarial_step_size <= 1:
+            raise InputError(f"the adversarial step size must be in (0, 1] pixel units, got "
+                             f"{self.adversarial_step_size}")
 
 
 def augment(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:
@@ -84,6 +104,26 @@ def augment(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> to
         mask = torch.rand(n, generator=g) < 0.5
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
     return x
+
+
+def pgd_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, steps: int,
+                 step_size: float | None, g: torch.Generator, precision: str = "fp32") -> torch.Tensor:
+    """L-inf PGD adversarial examples of model-space images (budget `epsilon` in pixel units: twice that in
+    model space), from a uniform start drawn from `g`; the model's mode (train/eval) is left as it was."""
+    eps = 2 * epsilon
+    alpha = 2 * (step_size if step_size is not None else 2.5 * epsilon / steps)
+    was_training = model.training
+    model.eval()  # the batch-norm statistics are not updated by the attack's passes
+    delta = (torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1) * eps
+    adv = (x + delta).clamp(-1, 1)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        with autocast(precision):
+            loss = F.cross_entropy(model(in_classifier_layout(adv)).float(), y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = torch.min(torch.max(adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(-1, 1)
+    model.train(was_training)
+    return adv.detach()
 
 
 def in_classifier_layout(x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +159,9 @@ def _fit(model, opt, images, labels, recipe: ClassifierRecipe, start: int, stop:
             if recipe.input_noise:  # nothing is drawn from g when off, so runs without noise are unchanged
                 signs = torch.randint(0, 2, x.shape, generator=g, dtype=x.dtype) * 2 - 1
                 x = (x + signs * (2 * recipe.input_noise)).clamp(-1, 1)  # model space spans twice pixel units
+            if recipe.adversarial_epsilon:
+                x = pgd_examples(model, x, labels[idx], recipe.adversarial_epsilon, recipe.adversarial_steps,
+                                 recipe.adversarial_step_size, g, recipe.precision)
             set_lr(opt, cosine_with_warmup(step, total, min(50, total // 10), recipe.lr))
             x = in_classifier_layout(x)
             with autocast(recipe.precision):
@@ -148,6 +191,7 @@ def train_classifier(
 ) -> nn.Module:
     """Train a classifier on model-space images (float32 NCHW in [-1, 1]); returns it in eval mode."""
     recipe = dataclasses.replace(recipe, precision=concrete_precision(recipe.precision))
+    recipe.check()
     model, opt = _setup(images.shape[1], num_classes, recipe)
     total = total_steps(len(images), recipe)
     _fit(model, opt, images, labels, recipe, 0, total, Progress(total, 0, desc, recipe.batch_size, progress))
@@ -172,6 +216,7 @@ def train_classifier_run(
     num_classes = num_classes or int(data.labels.max()) + 1
     if num_classes < 2:
         raise InputError(f"{data.source}: classifier training needs at least 2 classes")
+    recipe.check()
     recipe = prepare_run(run_dir, recipe, resume=resume)
     model, opt = _setup(data.images.shape[1], num_classes, recipe)
     start, history, _ = open_run(run_dir, resume=resume, model=model, optimizer=opt, recipe=recipe.to_dict(),
