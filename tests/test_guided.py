@@ -105,3 +105,58 @@ def test_guided_options_are_checked():
     with pytest.raises(InputError, match="--guide-budget"):
         _tiny(guide_budget=2.0)
     assert _tiny(t_star=6, reverse_steps=3).algorithm.network_evaluations() == 3
+
+
+def _saved_classifier(folder, zero_features=False):
+    from puregen.models.checkpoints import save_model
+    from puregen.models.classifiers import build_classifier
+
+    torch.manual_seed(1)
+    model = build_classifier("small-cnn", 1, 10).eval()
+    if zero_features:  # an input-blind network: constant features, so no guidance at all
+        with torch.no_grad():
+            for p in model.features.parameters():
+                p.zero_()
+    save_model(model, folder)
+    return folder
+
+
+def test_adversarial_guidance_uses_the_classifiers_features_and_is_the_ddpm_method_when_they_are_blind(tmp_path):
+    from puregen.engine.guided import feature_similarity, guided_diffuse_denoise
+    from puregen.models.checkpoints import load_model
+    from puregen.models.classifiers import FeatureExtractor
+
+    images = np.random.default_rng(4).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    blind = _saved_classifier(tmp_path / "blind", zero_features=True)
+    ddpm = _tiny("ddpm", t_star=6).purify(images, seed=1)
+    assert np.array_equal(_tiny(t_star=6, guide_mode="adversarial", guide_classifier=str(blind),
+                                guide_scale=1e6).purify(images, seed=1), ddpm)
+    seeing = _saved_classifier(tmp_path / "seeing")
+    p = _tiny(t_star=6, guide_mode="adversarial", guide_classifier=str(seeing), guide_scale=1e6)
+    out = p.purify(images, seed=1)
+    assert not np.array_equal(out, ddpm)
+    assert np.array_equal(out, np.concatenate([p.purify(images[:2], seed=1), p.purify(images[2:], seed=1, offset=2)]))
+    # The guidance gradient is autograd's of the per-sample feature distance.
+    features = FeatureExtractor(load_model(seeing, expect="classifier").model).eval()
+    x, y = _random((3, 1, 16, 16), 5), _random((3, 1, 16, 16), 6)
+    xv = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(feature_similarity(features, xv, y).sum(), xv)
+    from puregen.engine.guided import similarity_gradient
+
+    assert torch.allclose(similarity_gradient(x, y, "adversarial", features=features), want, atol=1e-7)
+    # The float path differentiates through the auxiliary network too (a double backward).
+    key = NoiseKey.of(2, torch.tensor([0, 5, 3]))
+    xv = (x * 0.5).requires_grad_(True)
+    (grad,) = torch.autograd.grad(p.purify_differentiable(xv, key).sum(), xv)
+    fused = guided_diffuse_denoise(x * 0.5, p.evaluator, p.config.diffusion(), p.config.guidance(), key=key,
+                                   features=p.algorithm.features)
+    assert (p.purify_differentiable(x * 0.5, key) - fused).abs().max() < 1e-5 and grad.abs().sum() > 0
+
+
+def test_adversarial_guidance_needs_its_classifier_and_only_that_mode_takes_one(tmp_path):
+    with pytest.raises(InputError, match="needs --guide-classifier"):
+        _tiny(guide_mode="adversarial")
+    with pytest.raises(InputError, match="needs --guide-classifier"):
+        _tiny(guide_classifier=str(_saved_classifier(tmp_path / "c")))
+    with pytest.raises(InputError, match="missing"):
+        _tiny(guide_mode="adversarial", guide_classifier=str(tmp_path / "missing"))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import InputError
 
 ARCHITECTURES = ("small-cnn", "fast-cnn", "resnet18")
 
@@ -125,3 +129,30 @@ def build_classifier(arch: str, in_channels: int, num_classes: int) -> nn.Module
         raise ValueError(f"unknown classifier {arch!r}; choose {' or '.join(ARCHITECTURES)}")
     model.config = ClassifierConfig(arch, in_channels, num_classes)
     return model
+
+
+class FeatureExtractor(nn.Module):
+    """A classifier with its head removed: `features(x)` is its penultimate layer (N x dim): the
+    pooled 64 channels of the small CNN, the flattened 7x7 map of the fast CNN, ResNet-18's 512."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        net = copy.deepcopy(classifier)
+        # The repo's classifiers end in one linear layer, `head` (the CNNs) or `linear` (ResNet-18).
+        name = next((n for n in ("head", "linear") if isinstance(getattr(net, n, None), nn.Linear)), None)
+        if name is None:
+            raise InputError(f"no known feature layer for a {type(classifier).__name__}; pass one of the repo's "
+                             "classifiers (a final linear `head` or `linear`) or a FeatureExtractor")
+        self.dim = getattr(net, name).in_features
+        setattr(net, name, nn.Identity())
+        self.net = net
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def as_feature_extractor(model: nn.Module) -> FeatureExtractor:
+    return model if isinstance(model, FeatureExtractor) else FeatureExtractor(model)

@@ -62,6 +62,7 @@ from torch import nn
 
 from ...data import to_model_space
 from ...errors import InputError
+from ...models.classifiers import FeatureExtractor, as_feature_extractor
 from ...training.classifier import ClassifierRecipe, _fit, in_classifier_layout, total_steps, train_classifier
 from ...training.loop import Progress, autocast, batch_indices, check_precision, cosine_with_warmup, set_lr
 
@@ -87,33 +88,6 @@ class BullseyeRecipe:
             raise InputError(f"bullseye steps must be at least 1, got {self.steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"bullseye lr must be positive, got {self.lr}")
-
-
-class FeatureExtractor(nn.Module):
-    """A classifier with its head removed: `features(x)` is its penultimate layer (N x dim): the
-    pooled 64 channels of the small CNN, the flattened 7x7 map of the fast CNN, ResNet-18's 512."""
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        net = copy.deepcopy(classifier)
-        # The repo's classifiers end in one linear layer, `head` (the CNNs) or `linear` (ResNet-18).
-        name = next((n for n in ("head", "linear") if isinstance(getattr(net, n, None), nn.Linear)), None)
-        if name is None:
-            raise InputError(f"no known feature layer for a {type(classifier).__name__}; pass one of the repo's "
-                             "classifiers (a final linear `head` or `linear`) or a FeatureExtractor")
-        self.dim = getattr(net, name).in_features
-        setattr(net, name, nn.Identity())
-        self.net = net
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def as_feature_extractor(model: nn.Module) -> FeatureExtractor:
-    return model if isinstance(model, FeatureExtractor) else FeatureExtractor(model)
 
 
 class TransferClassifier(nn.Module):
