@@ -61,6 +61,12 @@ class DefendedClassifier(nn.Module):
         self.purifier, self.classifier = purifier, classifier
         self.seed, self.gradient, self.checkpoint = int(seed), gradient, checkpoint
         self.seeds_used = 0
+        self.eval()
+
+    def train(self, mode: bool = True):
+        # Inference only: an attack library that restores "training mode" afterwards (torchattacks does, for a
+        # module it found in training mode) must not put the classifier's batch norm on attack batches.
+        return super().train(False)
 
     def next_key(self, n: int) -> NoiseKey:
         key = NoiseKey.rows(self.seed * 2**32 + self.seeds_used, 0, n)

@@ -17,7 +17,10 @@ def add_parser(sub) -> None:
         "jpeg-75, friends, ebm, ddpm, naive; 3 seeds; 50 targets for the targeted attacks of --full. "
         "--family unlearnable: the unlearnable-example table instead (attacks em-sample-8, em-class-8, lsp, ar, "
         "ops; defenses none, jpeg-10, bitdepth-2, grayscale on colour data, ebm, ddpm, dvae; each cell the "
-        "victim's clean test accuracy; at small scale on 5,000 base images).",
+        "victim's clean test accuracy; at small scale on 5,000 base images). --family adversarial: test-time "
+        "purification (diffpure SDE/ODE, guided by pixels or by an adversarially trained network) in front of a "
+        "standard classifier, under PGD-EOT through the purifier, BPDA and APGD-CE/DLR-EOT, judged on fresh "
+        "purifications (docs/adversarial-purification.md).",
     )
     p.add_argument("--scale", default="small", choices=("small", "paper"),
                    help="small: Fashion-MNIST, 10,000 training images, small CNN (CPU, default); "
@@ -29,9 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", default="runs/eval", help="folder for caches and the report (default: runs/eval)")
     p.add_argument("--full", action="store_true", help="add Gradient Matching, Narcissus 8/255 and 10%%, Bullseye "
                    "Polytope (linear probe, fine-tune), JPEG q90/50/25, reps and filt")
-    p.add_argument("--family", default="poisoning", choices=("poisoning", "unlearnable"),
+    p.add_argument("--family", default="poisoning", choices=("poisoning", "unlearnable", "adversarial"),
                    help="poisoning: backdoor and targeted attacks (default); unlearnable: unlearnable examples, "
-                   "against the squeezing baselines, PureGen and D-VAE")
+                   "against the squeezing baselines, PureGen and D-VAE; adversarial: test-time purification under "
+                   "adaptive attacks")
     p.add_argument("--attacks", help="comma-separated attacks instead of the default set")
     p.add_argument("--defenses", help="comma-separated defenses instead of the default set (none is always run)")
     p.add_argument("--seeds", type=int, help="classifier seeds per backdoor cell (default 3)")
@@ -64,5 +68,6 @@ def _cmd_eval(args) -> int:
     run_eval(cfg)
     print()
     print((cfg.out / "results.md").read_text(), end="")
-    print(f"report: {cfg.out / 'results.md'}, results.csv, summary.csv, results.json, plots.png")
+    others = "results.json" if cfg.family == "adversarial" else "results.csv, summary.csv, results.json, plots.png"
+    print(f"report: {cfg.out / 'results.md'}, {others}")
     return EXIT_OK

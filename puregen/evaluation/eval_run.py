@@ -70,7 +70,7 @@ from .scales import (
 
 CHANCE_FILE = "chance.json"  # the clean reference models' success per attack, keyed like the rows
 FINETUNE_LR_FACTOR = 0.1  # fine-tuning a pre-trained extractor takes a smaller step than training from scratch
-FAMILIES = ("poisoning", "unlearnable")  # the default table; the unlearnable-example table
+FAMILIES = ("poisoning", "unlearnable", "adversarial")  # the default table; unlearnable examples; test-time
 
 
 @dataclass
@@ -199,11 +199,34 @@ def _poison_digest(ps: PoisonSet) -> str:
     return hashlib.sha256(ps.images.tobytes() + ps.indices.tobytes()).hexdigest()[:16]
 
 
+def _run_adversarial(cfg: EvalConfig) -> dict:
+    """The test-time family: its own table (`puregen.evaluation.adversarial.run`), small scale only."""
+    from .adversarial.run import AdversarialSettings, run_adversarial, smoke_settings
+
+    given = [flag for flag, value in (("--full", cfg.full), ("--attacks", cfg.attacks), ("--defenses", cfg.defenses),
+                                      ("--seeds", cfg.seeds), ("--targets", cfg.targets), ("--ebm", cfg.ebm))
+             if value]
+    if given:
+        raise InputError(f"{', '.join(given)} do not apply to --family adversarial (its attacks and defenses are "
+                         f"fixed; see docs/adversarial-purification.md)")
+    if cfg.scale != "small":
+        raise InputError("--family adversarial runs at --scale small (Fashion-MNIST) only")
+    settings = smoke_settings() if cfg.smoke else AdversarialSettings()
+    if cfg.epochs is not None:
+        settings = dataclasses.replace(settings, classifier=dataclasses.replace(settings.classifier, epochs=cfg.epochs),
+                                       aux=dataclasses.replace(settings.aux, epochs=cfg.epochs))
+    threads = pin_threads(cfg.threads)
+    data = load_small(cfg.data)
+    return run_adversarial(cfg.out, data, settings, ddpm=cfg.ddpm, progress=cfg.progress, threads=threads)
+
+
 def _row_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    if cfg.family == "adversarial":
+        return _run_adversarial(cfg)
     t_start = time.perf_counter()
     require_matplotlib()  # before an hour of work, not at its end
     threads = pin_threads(cfg.threads)

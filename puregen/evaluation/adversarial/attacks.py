@@ -81,10 +81,11 @@ def apgd_eot(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int 
 @dataclass(frozen=True)
 class Judgement:
     accuracy: float  # mean over images and draws
-    low: float  # Wilson 95% interval over the images (draws averaged per image first, then rounded per image)
+    low: float  # Wilson 95% interval over the images
     high: float
     images: int
     draws: int
+    per_image: tuple[float, ...] = ()  # each image's share of correct draws
 
 
 def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -105,4 +106,13 @@ def judge(model, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> Judgement:
     per_image = correct / draws
     acc = float(per_image.mean())
     low, high = wilson(acc * x.shape[0], x.shape[0])
-    return Judgement(acc, low, high, x.shape[0], draws)
+    return Judgement(acc, low, high, x.shape[0], draws, tuple(float(v) for v in per_image))
+
+
+def worst_case(judgements: list[Judgement]) -> Judgement:
+    """Per image the lowest share of correct draws over several attacks' judgements: an image counts as robust
+    only as far as it survives every attack."""
+    per_image = torch.tensor([j.per_image for j in judgements]).min(0).values
+    acc = float(per_image.mean())
+    low, high = wilson(acc * len(per_image), len(per_image))
+    return Judgement(acc, low, high, len(per_image), judgements[0].draws, tuple(float(v) for v in per_image))
