@@ -182,6 +182,16 @@ def test_bench_command_reports_every_mode_and_writes_json(tmp_path, tiny_checkpo
     assert summary["ratio_to_reference"] > 0
 
 
+@pytest.mark.parametrize("method", ["diffpure", "guided"])
+def test_bench_times_the_test_time_purifiers_against_the_reference(method, tiny_checkpoints, capsys):
+    _, ddpm_dir = tiny_checkpoints
+    rc = main(["bench", "--method", method, "--checkpoint", str(ddpm_dir), "--backend", "torch", "--precision", "bf16",
+               "--batch", "4", "--micro-batch", "4", "--timed-steps", "1", "--repeats", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "images/s" in text and "fp32 eager reference" in text and "published TPU rate" not in text
+
+
 def test_bench_rejects_bad_options(capsys):
     assert main(["bench", "--method", "ebm", "--batch", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
