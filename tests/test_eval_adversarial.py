@@ -44,3 +44,13 @@ def test_adversarial_smoke_run_and_its_rerun(tmp_path):
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["rows"] == report["rows"]
     refused = cli("eval", "--family", "adversarial", "--attacks", "lsp", "--smoke", "-o", tmp_path / "x")
     assert refused.returncode == 2 and "do not apply to --family adversarial" in refused.stderr
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST not found")
+def test_the_serving_example_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "defended_classifier_example.py"), "--data",
+                        str(FASHION_MNIST), "--images", "4", "--reverse-steps", "2", "--pgd-steps", "1", "--eot", "1",
+                        "--epochs", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no defense: clean" in r.stdout and "diffpure: clean" in r.stdout
+    assert (tmp_path / "runs" / "example-classifier" / "model.safetensors").exists()
