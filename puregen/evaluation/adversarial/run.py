@@ -46,6 +46,7 @@ class PurifierSpec:
     method: str | None  # None: no purifier
     options: dict = field(default_factory=dict)
     aux_guided: bool = False  # guided by the auxiliary network (adversarial guidance)
+    classifier: str = "standard"  # the classifier behind it: standard, or the auxiliary network ("aux")
 
 
 @dataclass
@@ -86,7 +87,7 @@ def purifier_specs(s: AdversarialSettings) -> list[PurifierSpec]:
     steps = {"reverse_steps": s.reverse_steps}
     return [
         PurifierSpec("none", None),
-        PurifierSpec("aux classifier alone", None),
+        PurifierSpec("aux classifier alone", None, classifier="aux"),
         PurifierSpec("diffpure SDE", "diffpure", {"solver": "sde", **steps}),
         PurifierSpec("diffpure ODE", "diffpure", {"solver": "ode", **steps}),
         PurifierSpec("guided MSE", "guided", {"guide_mode": "mse", **steps}),
@@ -160,28 +161,29 @@ def run_adversarial(out: Path, data, settings: AdversarialSettings, *, ddpm=None
     return report
 
 
-def _defended(spec: PurifierSpec, standard, aux, out: Path, settings: AdversarialSettings, ddpm, threads,
-              seed: int, gradient: str = "full") -> DefendedClassifier:
+def _defended(spec: PurifierSpec, standard, aux, out: Path, ddpm, threads, seed: int, gradient: str = "full"
+              ) -> DefendedClassifier:
+    classifier = aux if spec.classifier == "aux" else standard
     if spec.method is None:
-        return DefendedClassifier(None, aux if spec.name.startswith("aux") else standard, seed=seed)
+        return DefendedClassifier(None, classifier, seed=seed)
     options = dict(spec.options)
     if spec.aux_guided:
         options["guide_classifier"] = str(out / "models" / "aux")
     purifier = load_purifier(spec.method, ddpm=ddpm, threads=threads, **options)
-    return DefendedClassifier(purifier, standard, seed=seed, gradient=gradient)
+    return DefendedClassifier(purifier, classifier, seed=seed, gradient=gradient)
 
 
 def _attack_row(spec, eps, kind, standard, aux, out, x, y, s: AdversarialSettings, ddpm, threads) -> dict:
     steps, eot = (2 * s.pgd_steps, 2 * s.eot) if kind == "convergence" else (s.pgd_steps, s.eot)
     stochastic = spec.method is not None
     eot = eot if stochastic else 1  # a deterministic model has nothing to average
-    attacker = _defended(spec, standard, aux, out, s, ddpm, threads, seed=2 * s.seed + 1)
-    judge_model = _defended(spec, standard, aux, out, s, ddpm, threads, seed=2 * s.seed + 2)  # unseen keys
+    attacker = _defended(spec, standard, aux, out, ddpm, threads, seed=3 * s.seed + 1)
+    judge_model = _defended(spec, standard, aux, out, ddpm, threads, seed=3 * s.seed + 2)  # unseen keys
     clean = judge(judge_model, x, y, s.judge_draws if stochastic else 1)
     attacks = {"pgd_eot": pgd_eot(attacker, x, y, eps, steps=steps, eot=eot, seed=s.seed)}
     if kind == "main":
         if stochastic:
-            bpda = _defended(spec, standard, aux, out, s, ddpm, threads, seed=2 * s.seed + 3, gradient="bpda")
+            bpda = _defended(spec, standard, aux, out, ddpm, threads, seed=3 * s.seed + 3, gradient="bpda")
             attacks["bpda_eot"] = pgd_eot(bpda, x, y, eps, steps=steps, eot=eot, seed=s.seed)
         attacks["apgd_eot"] = apgd_eot(attacker, x, y, eps, steps=s.apgd_steps, eot=eot, seed=s.seed,
                                        judge_model=judge_model)
