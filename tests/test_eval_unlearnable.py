@@ -77,7 +77,7 @@ def test_the_family_picks_its_attacks_and_defenses_and_refuses_mixing():
     with pytest.raises(InputError, match="drop --full"):
         _names(dataclasses.replace(cfg, full=True), settings, data(1))
     with pytest.raises(InputError, match="unknown --family"):
-        _names(EvalConfig(family="adversarial"), settings, data(1))
+        _names(EvalConfig(family="backdoors"), settings, data(1))
     for bad in ("bitdepth-0", "bitdepth-8", "bitdepth-x"):
         with pytest.raises(InputError, match="unknown defense"):
             defense_spec(bad)
