@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from puregen.errors import InputError
-from puregen.evaluation.adversarial.attacks import apgd_eot, eot_gradient, judge, pgd_eot, wilson
+from puregen.evaluation.adversarial.attacks import apgd_eot, eot_gradient, judge, pgd_eot
+from puregen.evaluation.report import wilson_interval as wilson
 
 
 class _Linear2(torch.nn.Module):

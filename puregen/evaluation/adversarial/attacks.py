@@ -13,13 +13,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import InputError
+from ..report import wilson_interval
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
@@ -88,15 +88,6 @@ class Judgement:
     per_image: tuple[float, ...] = ()  # each image's share of correct draws
 
 
-def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return math.nan, math.nan
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 @torch.no_grad()
 def judge(model, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> Judgement:
     """Accuracy of `model` (fresh purifications on every call) on x, averaged over `draws` calls."""
@@ -105,7 +96,7 @@ def judge(model, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> Judgement:
         correct += (model(x).argmax(1) == y).float()
     per_image = correct / draws
     acc = float(per_image.mean())
-    low, high = wilson(acc * x.shape[0], x.shape[0])
+    low, high = wilson_interval(acc * x.shape[0], x.shape[0])
     return Judgement(acc, low, high, x.shape[0], draws, tuple(float(v) for v in per_image))
 
 
@@ -114,5 +105,5 @@ def worst_case(judgements: list[Judgement]) -> Judgement:
     only as far as it survives every attack."""
     per_image = torch.tensor([j.per_image for j in judgements]).min(0).values
     acc = float(per_image.mean())
-    low, high = wilson(acc * len(per_image), len(per_image))
+    low, high = wilson_interval(acc * len(per_image), len(per_image))
     return Judgement(acc, low, high, len(per_image), judgements[0].draws, tuple(float(v) for v in per_image))
