@@ -66,6 +66,10 @@ def within(low: float, high: float) -> Check:
     return lambda v: None if low <= v <= high else f"must be in [{low:g}, {high:g}], got {v}"
 
 
+def one_of(choices) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
 def positive_number(v) -> str | None:
     return None if math.isfinite(v) and v > 0 else f"must be a positive number, got {v}"
 

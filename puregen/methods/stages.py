@@ -9,6 +9,7 @@ sets them in its presets.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..engine.samplers import DiffusionConfig, LangevinConfig
@@ -41,6 +42,12 @@ class DiffusionOptions(MethodConfig):
         return DiffusionConfig(t_star=self.t_star, beta_start=self.beta_start, beta_end=self.beta_end,
                                num_train_timesteps=self.num_train_timesteps, clip_x0=self.clip_x0,
                                reverse_steps=self.reverse_steps)
+
+    @staticmethod
+    def t_star_default(value: int):
+        """The `t_star` field for a method whose published depth differs (`diffpure`, `guided`): the same
+        option, its help written once here, with another default."""
+        return dataclasses.field(default=value, metadata=DiffusionOptions.__dataclass_fields__["t_star"].metadata)
 
     def validate(self) -> None:
         super().validate()

@@ -4,30 +4,25 @@ the dynamics are in `puregen.engine.vpsde`."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ...engine.samplers import DifferentiableEpsilon
 from ...engine.vpsde import SOLVERS, DiffPureConfig, VPSDE, diffpure
 from ...kernels import philox
 from ..base import BatchContext, Method, MethodOutput
-from ..options import option
+from ..options import one_of, option
 from ..registry import register
 from ..stages import DiffusionOptions
-
-
-def _solver(value) -> str | None:
-    return None if value in SOLVERS else f"must be one of {', '.join(SOLVERS)}, got {value!r}"
 
 
 @dataclass(frozen=True)
 class DiffPureOptions(DiffusionOptions):
     # t* in trained timesteps, as for `ddpm`: DiffPure's t* = 0.1 is 100 of 1000. The same option (its
     # help is DiffusionOptions'), with DiffPure's default.
-    t_star: int = dataclasses.field(default=100, metadata=DiffusionOptions.__dataclass_fields__["t_star"].metadata)
+    t_star: int = DiffusionOptions.t_star_default(100)
     solver: str = option("sde", "diffpure: the reverse-time solver, sde (Euler-Maruyama of the reverse VP-SDE) or "
                          "ode (Euler on the probability-flow ODE, deterministic after the diffusion)", type=str,
-                         check=_solver)
+                         check=one_of(SOLVERS))
 
     def vpsde(self) -> DiffPureConfig:
         """The continuous-time run: t* / N, and `reverse_steps` solver steps (default t*: dt = 1 / N)."""

@@ -4,7 +4,6 @@ pixels (MSE, SSIM) or in the features of an adversarially trained network (adver
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ...engine.guided import GUIDE_MODES, GuidanceConfig, guided_diffuse_denoise
@@ -14,22 +13,18 @@ from ...errors import InputError
 from ...models.checkpoints import load_model
 from ...models.classifiers import FeatureExtractor
 from ..base import BatchContext, Method, MethodOutput
-from ..options import option, positive_number, within
+from ..options import one_of, option, positive_number, within
 from ..registry import register
 from ..stages import DiffusionOptions
-
-
-def _mode(value) -> str | None:
-    return None if value in GUIDE_MODES else f"must be one of {', '.join(GUIDE_MODES)}, got {value!r}"
 
 
 @dataclass(frozen=True)
 class GuidedOptions(DiffusionOptions):
     # GDMP starts its reverse process at t = 70 of 1000 (the same --t-star option, with that default).
-    t_star: int = dataclasses.field(default=70, metadata=DiffusionOptions.__dataclass_fields__["t_star"].metadata)
+    t_star: int = DiffusionOptions.t_star_default(70)
     guide_mode: str = option("mse", "guided: the similarity that pulls each reverse step toward the input, mse "
                              "(negative mean squared error per sample), ssim, or adversarial (the distance between "
-                             "the features of --guide-classifier)", type=str, check=_mode)
+                             "the features of --guide-classifier)", type=str, check=one_of(GUIDE_MODES))
     guide_classifier: str | None = option(None, "guided --guide-mode adversarial: the adversarially trained "
                                           "classifier (`puregen train classifier --adversarial`) whose features "
                                           "measure the distance", type=str)
