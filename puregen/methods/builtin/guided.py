@@ -47,7 +47,7 @@ class GuidedOptions(DiffusionOptions):
 class GuidedDiffusion(Method):
     name = "guided"
     label = "GDMP-guided"
-    help = "GDMP: diffuse to t* = 70, then DDPM reverse steps guided toward the input (MSE or SSIM)"
+    help = "GDMP: diffuse to t* = 70, then DDPM reverse steps guided toward the input (MSE, SSIM or robust features)"
     Config = GuidedOptions
     presets = {"tiny": {"t_star": 10}}
     networks = ("unet",)
