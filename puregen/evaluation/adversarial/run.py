@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ...data import to_model_space
+from ...data.atomic import atomic_write_file
 from ...defended import DefendedClassifier
 from ...engine.factory import load_purifier
 from ...models.checkpoints import load_model
@@ -139,10 +140,9 @@ def run_adversarial(out: Path, data, settings: AdversarialSettings, *, ddpm=None
     if previous.get("settings") != json.loads(json.dumps(settings.to_dict())):
         previous = {}  # other settings: nothing to reuse
     rows = previous.get("rows", {})
-    natural = {"standard": accuracy(standard, to_model_space(torch.from_numpy(data.test_images)),
-                                    torch.from_numpy(data.test_labels)),
-               "aux": accuracy(aux, to_model_space(torch.from_numpy(data.test_images)),
-                               torch.from_numpy(data.test_labels))}
+    test_images, test_labels = to_model_space(torch.from_numpy(data.test_images)), torch.from_numpy(data.test_labels)
+    natural = {name: accuracy(model, test_images, test_labels)
+               for name, model in (("standard", standard), ("aux", aux))}
     for spec, eps, kind in rows_to_run(settings):
         key = _row_key(spec, eps, kind)
         if key in rows:
@@ -150,40 +150,48 @@ def run_adversarial(out: Path, data, settings: AdversarialSettings, *, ddpm=None
         t0 = time.perf_counter()
         rows[key] = _attack_row(spec, eps, kind, standard, aux, out, x, y, settings, ddpm, threads)
         rows[key]["seconds"] = round(time.perf_counter() - t0, 1)
-        results_path.write_text(json.dumps({"settings": settings.to_dict(), "natural": natural, "rows": rows},
-                                           indent=1))
+        _write_json(results_path, {"settings": settings.to_dict(), "natural": natural, "rows": rows})
         if progress:
             print(f"{key}: {json.dumps({k: v for k, v in rows[key].items() if k != 'per_image'})}", flush=True)
     report = {"settings": settings.to_dict(), "natural": natural, "rows": rows,
               "seconds": round(time.perf_counter() - t_start, 1)}
-    results_path.write_text(json.dumps(report, indent=1))
+    _write_json(results_path, report)
     (out / "results.md").write_text(markdown(report))
     return report
 
 
-def _defended(spec: PurifierSpec, standard, aux, out: Path, ddpm, threads, seed: int, gradient: str = "full"
-              ) -> DefendedClassifier:
-    classifier = aux if spec.classifier == "aux" else standard
+def _write_json(path: Path, value: dict) -> None:
+    # Atomically: a run killed while writing keeps the rows it had, and its rerun can read them.
+    with atomic_write_file(path) as f:
+        f.write(json.dumps(value, indent=1).encode())
+
+
+def _purifier(spec: PurifierSpec, out: Path, ddpm, threads):
+    """The row's purifier (None without one), loaded once: its defended classifiers differ only by seed."""
     if spec.method is None:
-        return DefendedClassifier(None, classifier, seed=seed)
+        return None
     options = dict(spec.options)
     if spec.aux_guided:
         options["guide_classifier"] = str(out / "models" / "aux")
-    purifier = load_purifier(spec.method, ddpm=ddpm, threads=threads, **options)
-    return DefendedClassifier(purifier, classifier, seed=seed, gradient=gradient)
+    return load_purifier(spec.method, ddpm=ddpm, threads=threads, **options)
 
 
 def _attack_row(spec, eps, kind, standard, aux, out, x, y, s: AdversarialSettings, ddpm, threads) -> dict:
     steps, eot = (2 * s.pgd_steps, 2 * s.eot) if kind == "convergence" else (s.pgd_steps, s.eot)
     stochastic = spec.method is not None
     eot = eot if stochastic else 1  # a deterministic model has nothing to average
-    attacker = _defended(spec, standard, aux, out, ddpm, threads, seed=3 * s.seed + 1)
-    judge_model = _defended(spec, standard, aux, out, ddpm, threads, seed=3 * s.seed + 2)  # unseen keys
+    purifier, classifier = _purifier(spec, out, ddpm, threads), aux if spec.classifier == "aux" else standard
+
+    def defended(seed: int, gradient: str = "full") -> DefendedClassifier:
+        return DefendedClassifier(purifier, classifier, seed=seed, gradient=gradient)
+
+    attacker = defended(3 * s.seed + 1)
+    judge_model = defended(3 * s.seed + 2)  # keys the attack never used
     clean = judge(judge_model, x, y, s.judge_draws if stochastic else 1)
     attacks = {"pgd_eot": pgd_eot(attacker, x, y, eps, steps=steps, eot=eot, seed=s.seed)}
     if kind == "main":
         if stochastic:
-            bpda = _defended(spec, standard, aux, out, ddpm, threads, seed=3 * s.seed + 3, gradient="bpda")
+            bpda = defended(3 * s.seed + 3, gradient="bpda")
             attacks["bpda_eot"] = pgd_eot(bpda, x, y, eps, steps=steps, eot=eot, seed=s.seed)
         attacks["apgd_eot"] = apgd_eot(attacker, x, y, eps, steps=s.apgd_steps, eot=eot, seed=s.seed,
                                        judge_model=judge_model)
