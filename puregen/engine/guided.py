@@ -18,9 +18,10 @@ on its batch):
   (60,000 over a batch of 100) read per sample.
 * x_adv_t's noise is drawn from its own Philox stream at step t, keyed by the sample's index.
 
-Since the guidance is an addition to the step's output, the step itself is the DDPM method's (the fused
-kernels on the purification path; the torch reference on the differentiable one), with its forward and
-reverse noise streams: at guide_scale -> 0 this is the `ddpm` method's purification, draw for draw.
+Since the guidance is an addition to each step's output, the process is the DDPM method's `diffuse_denoise`
+with a `guide` term (the fused kernels on the purification path; the torch reference on the differentiable
+one), with its forward and reverse noise streams: at guide_scale -> 0 this is the `ddpm` method's
+purification, draw for draw.
 
 SSIM is the usual one (Wang et al. 2004): an 11x11 Gaussian window of sigma 1.5 per channel, on images
 mapped to [0, 1], C1 = 0.01^2, C2 = 0.03^2, averaged over the sample's pixels.
@@ -43,9 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import philox
-from ..kernels.dispatch import kernels_for
 from .noise_key import NoiseKey
-from .samplers import DiffusionConfig, StepCallback
+from .samplers import DiffusionConfig, StepCallback, diffuse_denoise
 from .schedule import DDPMSchedule
 
 GUIDE_MODES = ("mse", "ssim", "adversarial")
@@ -136,28 +136,16 @@ def guided_diffuse_denoise(
     the differentiable path). `differentiable`: the guidance gradient keeps its graph (a double backward).
     `features`: the auxiliary network of adversarial guidance."""
     schedule = DDPMSchedule(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
-    kernels = kernels_for(x0.device) if kernels is None else kernels
     x0 = x0.to(torch.float32)
-    sqrt_abar, sqrt_one_minus = schedule.forward_coefficients(cfg.t_star)
-    x = kernels.ddpm_forward_noise(x0, sqrt_alpha_bar=sqrt_abar, sqrt_one_minus_alpha_bar=sqrt_one_minus,
-                                   indices=key.indices, seed=key.seed, stream=philox.STREAM_DDPM_FORWARD)
-    timesteps = schedule.reverse_timesteps(cfg.t_star, cfg.reverse_steps)
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        coefs = schedule.reverse_coefficients(t, t_prev)
-        eps = evaluator.epsilon(x, t)
-        guide = None
-        if t_prev >= 0:  # the last step has no variance, so no guidance
-            abar = float(schedule.alphas_cumprod[t])
-            n = philox.normal_noise(key.indices, tuple(x0.shape[1:]), seed=key.seed, stream=philox.STREAM_GUIDED_TARGET,
-                                    step=t).to(x0)
-            target = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * n
-            grad = similarity_gradient(x, target, guidance.mode, create_graph=differentiable, features=features)
-            guide = (coefs.sigma**2 * guidance.step_scale(abar)) * grad
-        x = kernels.ddpm_reverse_step(x, eps, t=t if t_prev >= 0 else 0, coefs=coefs, indices=key.indices,
-                                      seed=key.seed, stream=philox.STREAM_DDPM_REVERSE, clip_x0=cfg.clip_x0)
-        if guide is not None:
-            x = x + guide
-        if on_step is not None:
-            on_step(1)
-    return x
+
+    def guide(x, t, t_prev, coefs):
+        if t_prev < 0:  # the last step has no variance, so no guidance
+            return None
+        abar = float(schedule.alphas_cumprod[t])
+        n = philox.normal_noise(key.indices, tuple(x0.shape[1:]), seed=key.seed, stream=philox.STREAM_GUIDED_TARGET,
+                                step=t).to(x0)
+        target = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * n
+        grad = similarity_gradient(x, target, guidance.mode, create_graph=differentiable, features=features)
+        return (coefs.sigma**2 * guidance.step_scale(abar)) * grad
+
+    return diffuse_denoise(x0, evaluator, cfg, key=key, on_step=on_step, kernels=kernels, guide=guide)

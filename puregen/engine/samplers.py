@@ -90,11 +90,13 @@ def diffuse_denoise(
     repetition: int = 0,
     on_step: StepCallback | None = None,
     kernels=None,
+    guide: Callable | None = None,
 ) -> torch.Tensor:
     """Noise to index t*-1, then run the ancestral reverse steps t*-1 .. 0 (all t*, or `cfg.reverse_steps` of them).
 
     `kernels`: the update steps' implementation (default: the device's fused kernels; the torch reference
-    for a path that gradients flow through)."""
+    for a path that gradients flow through). `guide(x_t, t, t_prev, coefs)`: a term added to the output of
+    the step t -> t_prev, computed from its input (GDMP's guidance, `engine.guided`), or None to add nothing."""
     schedule = DDPMSchedule(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
     t_star = cfg.t_star
     sqrt_abar, sqrt_one_minus = schedule.forward_coefficients(t_star)
@@ -112,18 +114,22 @@ def diffuse_denoise(
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         eps = evaluator.epsilon(x, t)
+        coefs = schedule.reverse_coefficients(t, t_prev)
+        extra = guide(x, t, t_prev, coefs) if guide is not None else None
         # The step's noise is keyed by its trained timestep t, so a respaced run draws a subset of the
         # full run's noise; the last step (to the clean image) adds none.
         x = kernels.ddpm_reverse_step(
             x,
             eps,
             t=t if t_prev >= 0 else 0,
-            coefs=schedule.reverse_coefficients(t, t_prev),
+            coefs=coefs,
             indices=key.indices,
             seed=key.seed,
             stream=reverse_stream,
             clip_x0=cfg.clip_x0,
         )
+        if extra is not None:
+            x = x + extra
         if on_step is not None:
             on_step(1)
     return x
