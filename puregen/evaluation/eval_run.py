@@ -201,7 +201,8 @@ def _poison_digest(ps: PoisonSet) -> str:
 
 def _run_adversarial(cfg: EvalConfig) -> dict:
     """The test-time family: its own table (`puregen.evaluation.adversarial.run`), small scale only."""
-    from .adversarial.run import AdversarialSettings, run_adversarial, smoke_settings
+    from .adversarial.run import AdversarialSettings, run_adversarial
+    from .adversarial.run import smoke_settings as adversarial_smoke_settings
 
     given = [flag for flag, value in (("--full", cfg.full), ("--attacks", cfg.attacks), ("--defenses", cfg.defenses),
                                       ("--seeds", cfg.seeds), ("--targets", cfg.targets), ("--ebm", cfg.ebm))
@@ -211,7 +212,7 @@ def _run_adversarial(cfg: EvalConfig) -> dict:
                          f"fixed; see docs/adversarial-purification.md)")
     if cfg.scale != "small":
         raise InputError("--family adversarial runs at --scale small (Fashion-MNIST) only")
-    settings = smoke_settings() if cfg.smoke else AdversarialSettings()
+    settings = adversarial_smoke_settings() if cfg.smoke else AdversarialSettings()
     if cfg.epochs is not None:
         settings = dataclasses.replace(settings, classifier=dataclasses.replace(settings.classifier, epochs=cfg.epochs),
                                        aux=dataclasses.replace(settings.aux, epochs=cfg.epochs))

@@ -36,8 +36,9 @@ from ...defended import DefendedClassifier
 from ...engine.factory import load_purifier
 from ...models.checkpoints import load_model
 from ...training.classifier import ClassifierRecipe, accuracy, train_classifier_run
-from ...training.loop import TrainingData, fastest_training_precision
+from ...training.loop import TrainingData
 from ..datasets import balanced_subset
+from ..scales import small_settings
 from .attacks import apgd_eot, judge, pgd_eot, worst_case
 
 
@@ -53,12 +54,10 @@ class PurifierSpec:
 @dataclass
 class AdversarialSettings:
     per_class: int = 1000  # training images per class for both classifiers (rows 0-49,999, class-balanced)
-    classifier: ClassifierRecipe = field(default_factory=lambda: ClassifierRecipe(
-        arch="fast-cnn", epochs=10, batch_size=128, lr=0.05, crop_padding=0, flip=False,
-        precision=fastest_training_precision()))
-    aux: ClassifierRecipe = field(default_factory=lambda: ClassifierRecipe(
-        arch="fast-cnn", epochs=10, batch_size=128, lr=0.05, crop_padding=0, flip=False,
-        precision=fastest_training_precision(), adversarial_epsilon=0.1, adversarial_steps=5))
+    # The poisoning table's victim, and the same network PGD-trained at the larger budget.
+    classifier: ClassifierRecipe = field(default_factory=lambda: small_settings().classifier)
+    aux: ClassifierRecipe = field(default_factory=lambda: dataclasses.replace(
+        small_settings().classifier, adversarial_epsilon=0.1, adversarial_steps=5))
     images: int = 64  # the first test images
     budgets: tuple[float, ...] = (8 / 255, 0.1)
     reverse_steps: int = 10  # of every purifier
